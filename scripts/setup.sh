@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Whole set-up from a fresh clone, idempotent: a second run is a no-op that takes seconds.
+#  1. .venv with the pinned packages from requirements.lock (uv, cached under ~/.cache/uv,
+#     so the multi-GB CUDA torch wheel that PyPI serves on Linux is downloaded once);
+#  2. the project itself, editable;
+#  3. the JVM jars Spark needs (Iceberg runtime, SQLite JDBC) from Maven Central at pinned
+#     versions, fetched once into $REQDEDUP_JARS_DIR (default $REQDEDUP_HOME/jars).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"Python 3.11 needed, found {sys.version.split()[0]}"'
+
+UV_VERSION=0.13.8
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.reqdedup-installed
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing pinned packages into .venv (first run downloads ~4 GB, then cached)"
+  .venv/bin/python -m pip install -q "uv==$UV_VERSION"
+  .venv/bin/uv pip install --python .venv/bin/python -r requirements.lock
+  .venv/bin/uv pip install --python .venv/bin/python --no-deps -e .
+  echo "$want" > "$stamp"
+else
+  echo "[setup] .venv up to date"
+fi
+
+# Jars: versions pinned here; Spark reads them from the same folder (reqdedup.config).
+HOME_DIR=${REQDEDUP_HOME:-$ROOT/.reqdedup}
+JARS_DIR=${REQDEDUP_JARS_DIR:-$HOME_DIR/jars}
+mkdir -p "$JARS_DIR"
+for coord in $(.venv/bin/python -c 'from reqdedup.config import SPARK_JARS; print(" ".join(SPARK_JARS))'); do
+  IFS=: read -r group artifact version <<<"$coord"
+  jar="$JARS_DIR/$artifact-$version.jar"
+  if [ ! -s "$jar" ]; then
+    echo "[setup] fetching $coord from Maven Central"
+    command -v mvn >/dev/null || { echo "[setup] mvn not found: install Maven (apt-get install maven)" >&2; exit 1; }
+    mvn -q -B dependency:copy -Dartifact="$coord" -DoutputDirectory="$JARS_DIR"
+  fi
+done
+echo "[setup] ready: .venv, jars in $JARS_DIR"

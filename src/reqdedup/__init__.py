@@ -1,0 +1,1 @@
+"""Request-level deduplication for large recommendation models."""

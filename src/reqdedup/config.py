@@ -1,0 +1,128 @@
+"""One settings object for the whole workflow.
+
+Every location has an embedded default under one home folder, ``$REQDEDUP_HOME`` (default
+``.reqdedup/`` at the repository root). Each field can be overridden by an environment
+variable named ``REQDEDUP_<FIELD>`` (for example ``REQDEDUP_SPARK_MASTER=spark://host:7077``).
+Nothing else in the code builds paths of its own: ask ``get_settings()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# JVM jars Spark needs, fetched once by scripts/setup.sh from Maven Central.
+ICEBERG_VERSION = "1.10.1"
+SPARK_JARS = (
+    f"org.apache.iceberg:iceberg-spark-runtime-3.5_2.12:{ICEBERG_VERSION}",
+    "org.xerial:sqlite-jdbc:3.50.3.0",
+)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"REQDEDUP_{name.upper()}", default)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    landing_dir: Path
+    warehouse_dir: Path
+    catalog_db: Path
+    catalog_name: str
+    namespace: str
+    jars_dir: Path
+    spark_master: str
+    spark_driver_memory: str
+    spark_shuffle_partitions: int
+    buckets: int
+    mlflow_tracking_uri: str
+    mlflow_artifacts_dir: Path
+    mlflow_experiment: str
+    registered_model: str
+    airflow_home: Path
+    reports_dir: Path
+    checkpoints_dir: Path
+    extra: dict = field(default_factory=dict)
+
+    # ---- derived names -------------------------------------------------------------
+    @property
+    def catalog_uri(self) -> str:
+        """SQLAlchemy URI of the catalog database, for pyiceberg's SqlCatalog."""
+        return f"sqlite:///{self.catalog_db}"
+
+    @property
+    def catalog_jdbc_uri(self) -> str:
+        """JDBC URI of the same catalog database, for Spark's Iceberg JDBC catalog."""
+        return f"jdbc:sqlite:{self.catalog_db}"
+
+    @property
+    def warehouse_uri(self) -> str:
+        return self.warehouse_dir.resolve().as_uri()
+
+    def table(self, name: str) -> str:
+        """Fully qualified identifier ``namespace.name`` (pyiceberg form)."""
+        return f"{self.namespace}.{name}"
+
+    def spark_table(self, name: str) -> str:
+        """``catalog.namespace.name`` (Spark SQL form)."""
+        return f"{self.catalog_name}.{self.namespace}.{name}"
+
+    def landing_path(self, date: str) -> Path:
+        return self.landing_dir / f"date={date}"
+
+    @property
+    def spark_jar_paths(self) -> list[Path]:
+        paths = []
+        for coord in SPARK_JARS:
+            _, artifact, version = coord.split(":")
+            paths.append(self.jars_dir / f"{artifact}-{version}.jar")
+        return paths
+
+    def ensure_dirs(self) -> None:
+        for p in (self.home, self.landing_dir, self.warehouse_dir, self.reports_dir,
+                  self.checkpoints_dir, self.mlflow_artifacts_dir, self.airflow_home):
+            p.mkdir(parents=True, exist_ok=True)
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as REQDEDUP_* variables, for subprocesses (torchrun, airflow)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            out[f"REQDEDUP_{f.name.upper()}"] = str(getattr(self, f.name))
+        return out
+
+
+def get_settings() -> Settings:
+    """Settings from the environment, with embedded defaults under the home folder."""
+    home = Path(_env("home", str(REPO_ROOT / ".reqdedup"))).expanduser().resolve()
+
+    def path(name: str, default: Path) -> Path:
+        return Path(_env(name, str(default))).expanduser().resolve()
+
+    mlflow_db = home / "mlflow.db"
+    return Settings(
+        home=home,
+        landing_dir=path("landing_dir", home / "landing"),
+        warehouse_dir=path("warehouse_dir", home / "warehouse"),
+        catalog_db=path("catalog_db", home / "catalog.db"),
+        catalog_name=_env("catalog_name", "reqdedup"),
+        namespace=_env("namespace", "lake"),
+        jars_dir=path("jars_dir", home / "jars"),
+        spark_master=_env("spark_master", "local[2]"),
+        spark_driver_memory=_env("spark_driver_memory", "4g"),
+        spark_shuffle_partitions=int(_env("spark_shuffle_partitions", "8")),
+        buckets=int(_env("buckets", "8")),
+        mlflow_tracking_uri=_env("mlflow_tracking_uri", f"sqlite:///{mlflow_db}"),
+        mlflow_artifacts_dir=path("mlflow_artifacts_dir", home / "mlartifacts"),
+        mlflow_experiment=_env("mlflow_experiment", "reqdedup"),
+        registered_model=_env("registered_model", "reqdedup"),
+        airflow_home=path("airflow_home", home / "airflow"),
+        reports_dir=path("reports_dir", home / "reports"),
+        checkpoints_dir=path("checkpoints_dir", home / "checkpoints"),
+    )

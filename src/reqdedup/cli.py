@@ -11,8 +11,7 @@ import json
 import sys
 
 
-class UserError(Exception):
-    """Bad input or configuration: printed as one clear line, exit status 2."""
+from reqdedup.errors import InputError
 
 
 def _print_json(obj) -> None:
@@ -90,13 +89,15 @@ def _add_bench(sub):
     s.add_argument("--users", type=int, default=None, help="default: requests // 4")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", required=True)
+    s.add_argument("--sweep", action="store_true",
+                   help="also measure the candidate writer-property sets (how the defaults were chosen)")
 
     def run_storage(a):
         from reqdedup.bench.storage import run_storage_bench
 
         _print_json(run_storage_bench(requests=a.requests, candidates=a.candidates,
                                       history=a.history, users=a.users, seed=a.seed,
-                                      json_path=a.json))
+                                      json_path=a.json, sweep=a.sweep))
 
     s.set_defaults(func=run_storage)
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except UserError as e:
+    except InputError as e:
         print(f"reqdedup {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -34,7 +34,7 @@ IMPRESSIONS_SCHEMA = pa.schema(
         pa.field("item_category", pa.int32(), nullable=False),
         pa.field("item_dense", pa.list_(pa.float32()), nullable=False),
         pa.field("position", pa.int32(), nullable=False),
-        pa.field("label", pa.int8(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
     ]
 )
 

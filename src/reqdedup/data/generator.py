@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reqdedup.errors import InputError
 from reqdedup.schema import IMPRESSIONS_SCHEMA, ITEM_DENSE_DIM, USER_DENSE_DIM
 
 N_CATEGORIES = 64
@@ -79,17 +80,17 @@ class GeneratorConfig:
 
     def validate(self) -> None:
         if self.users < 1 or self.requests < 1 or self.candidates < 1 or self.items < 1:
-            raise ValueError("users, requests, candidates and items must be >= 1")
+            raise InputError("users, requests, candidates and items must be >= 1")
         if self.candidates > self.items:
-            raise ValueError(f"candidates ({self.candidates}) > items ({self.items}): cannot be distinct")
+            raise InputError(f"candidates ({self.candidates}) > items ({self.items}): cannot be distinct")
         if self.requests >= REQUEST_ID_STRIDE:
-            raise ValueError(f"requests per day must be < {REQUEST_ID_STRIDE}")
+            raise InputError(f"requests per day must be < {REQUEST_ID_STRIDE}")
         if self.history < 0:
-            raise ValueError("history must be >= 0")
+            raise InputError("history must be >= 0")
         if not 0.0 < self.label_rate < 1.0:
-            raise ValueError("label_rate must be in (0, 1)")
+            raise InputError("label_rate must be in (0, 1)")
         if self.rows_per_file < 1:
-            raise ValueError("rows_per_file must be >= 1")
+            raise InputError("rows_per_file must be >= 1")
         _parse_date(self.date)
 
     @property
@@ -102,7 +103,7 @@ def _parse_date(date: str) -> dt.date:
     try:
         return dt.date.fromisoformat(date)
     except (TypeError, ValueError):
-        raise ValueError(f"date must be YYYY-MM-DD, got {date!r}") from None
+        raise InputError(f"date must be YYYY-MM-DD, got {date!r}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,33 @@
+"""Unit tests of the request-boundary cutter (no Spark, no catalog)."""
+
+import pyarrow as pa
+import pytest
+
+from reqdedup.lake.read import cut_at_request_boundaries
+
+
+def _batches(request_sizes, chunk):
+    ids = [r for r, n in enumerate(request_sizes) for _ in range(n)]
+    table = pa.table({"request_id": pa.array(ids, pa.int64()), "row": pa.array(range(len(ids)), pa.int64())})
+    return table, table.to_batches(max_chunksize=chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+@pytest.mark.parametrize("batch_rows", [4, 10, 25])
+def test_batches_hold_whole_requests_in_order(chunk, batch_rows):
+    sizes = [5, 1, 12, 3, 3, 8, 2, 30, 1]
+    table, inputs = _batches(sizes, chunk)
+    out = list(cut_at_request_boundaries(iter(inputs), batch_rows))
+    assert pa.Table.from_batches(out).column("row").to_pylist() == table.column("row").to_pylist()
+    seen = set()
+    for b in out:
+        ids = set(b.column("request_id").to_pylist())
+        assert not ids & seen, "a request was split across two batches"
+        seen |= ids
+        # A batch exceeds batch_rows only when it is one request larger than batch_rows.
+        assert b.num_rows <= batch_rows or len(ids) == 1
+    assert seen == set(range(len(sizes)))
+
+
+def test_empty_stream_yields_nothing():
+    assert list(cut_at_request_boundaries(iter([]), 8)) == []

@@ -13,7 +13,7 @@ import pytest
 from reqdedup.data.generator import GeneratorConfig, generate_table, write_landing
 from reqdedup.errors import InputError
 from reqdedup.lake.catalog import load_table
-from reqdedup.lake.ingest import ingest_date
+from reqdedup.lake.ingest import ingest_date, publish_date
 from reqdedup.lake.read import read_request_batches
 from reqdedup.schema import IMPRESSIONS_SCHEMA
 
@@ -29,6 +29,7 @@ def ingested(settings, spark):
     for day in (DAY1, DAY2):
         write_landing(GeneratorConfig(date=day, **SMALL), out_dir=settings.landing_dir)
         first[day] = ingest_date(day, settings)
+        publish_date(day, settings)
     return first
 
 
@@ -68,6 +69,7 @@ def test_rerun_same_date_replaces_it_without_duplicates(settings, spark, ingeste
     day2_before = _table_rows(settings, DAY2)
     again = ingest_date(DAY1, settings)
     assert again["rows"] == ingested[DAY1]["rows"]
+    publish_date(DAY1, settings)
     got = _table_rows(settings, DAY1)
     assert got.num_rows == ingested[DAY1]["rows"]
     pairs = list(zip(got.column("request_id").to_pylist(), got.column("item_id").to_pylist()))
@@ -77,6 +79,25 @@ def test_rerun_same_date_replaces_it_without_duplicates(settings, spark, ingeste
     assert _table_rows(settings, DAY2).sort_by("request_id").equals(day2_before.sort_by("request_id"))
     count = spark.sql(f"SELECT count(*) FROM {settings.spark_table('impressions')} WHERE event_date = DATE'{DAY1}'")
     assert count.collect()[0][0] == ingested[DAY1]["rows"]
+
+
+def test_staged_date_is_invisible_on_main_until_published(settings, spark, ingested):
+    day = "2026-03-05"
+    write_landing(GeneratorConfig(date=day, **SMALL), out_dir=settings.landing_dir)
+    main_before = load_table("impressions", settings).current_snapshot().snapshot_id
+    staged = ingest_date(day, settings)
+    assert staged["branch"] == "stage_20260305" and not staged["published"]
+    table = load_table("impressions", settings)
+    assert table.current_snapshot().snapshot_id == main_before
+    assert _table_rows(settings, day).num_rows == 0
+    on_branch = table.scan(row_filter=f"event_date = '{day}'", snapshot_id=table.refs()["stage_20260305"].snapshot_id)
+    assert on_branch.to_arrow().num_rows == staged["rows"]
+    assert publish_date(day, settings)["published"]
+    assert _table_rows(settings, day).num_rows == staged["rows"]
+    assert "stage_20260305" not in load_table("impressions", settings).refs()
+    assert publish_date(day, settings).get("already")  # idempotent
+    with pytest.raises(InputError, match="nothing staged"):
+        publish_date("2031-02-02", settings)
 
 
 def test_spark_and_pyiceberg_read_the_same_rows_in_the_same_order(settings, spark, ingested):

@@ -68,13 +68,25 @@ def _add_import(sub):
 def _add_ingest(sub):
     p = sub.add_parser("ingest", help="Spark: sort landing/date=D by (user_id, request_id) into the Iceberg impressions table")
     p.add_argument("--date", required=True)
+    p.add_argument("--publish", action="store_true",
+                   help="publish to main at once, skipping the audit (default: stage on branch stage_YYYYMMDD for `validate`)")
 
     def run(a):
         from reqdedup.lake.ingest import ingest_date
 
-        _print_json(ingest_date(a.date))
+        _print_json(ingest_date(a.date, publish=a.publish))
 
     p.set_defaults(func=run)
+
+    p = sub.add_parser("publish", help="make a staged date visible on main (what `validate` does after its checks pass)")
+    p.add_argument("--date", required=True)
+
+    def run_publish(a):
+        from reqdedup.lake.ingest import publish_date
+
+        _print_json(publish_date(a.date))
+
+    p.set_defaults(func=run_publish)
 
 
 # ---- bench ------------------------------------------------------------------------------

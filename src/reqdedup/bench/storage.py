@@ -98,7 +98,7 @@ def run_storage_bench(*, requests: int, candidates: int, history: int, users: in
         spark.sql(f"DROP TABLE IF EXISTS {settings.spark_table('storage_' + name)} PURGE")
         t0 = time.perf_counter()
         ingest = ingest_date(BENCH_DATE, settings, table="storage_" + name, properties=props,
-                             sorted_table=sorted_table)
+                             sorted_table=sorted_table, publish=True)
         per_column, total, files = column_bytes("storage_" + name, settings)
         measured[name] = {"per_column": per_column, "bytes": total, "files": files, "properties": props,
                           "ingest": ingest, "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,9 +1,13 @@
 """sorting-ingest: landing/date=D (raw-log order) -> Iceberg impressions, request-sorted.
 
 Checks every landing file before Spark touches the table (a bad file leaves the table at
-its previous snapshot), then replaces the date atomically with one Iceberg overwrite
-commit filtered on ``event_date = D``: a rerun of the same date yields the same rows,
-never duplicates.
+its previous snapshot), then replaces the date with one Iceberg overwrite commit filtered on
+``event_date = D``: a rerun of the same date yields the same rows, never duplicates.
+
+Write-audit-publish: the overwrite is committed to a staging branch ``stage_YYYYMMDD``
+created from ``main``; training reads ``main`` only. ``reqdedup validate`` audits the
+branch and publishes it by fast-forwarding ``main`` (Iceberg's own procedure, atomic);
+a date that fails validation stays quarantined on its branch.
 """
 
 from __future__ import annotations
@@ -73,10 +77,15 @@ def check_landing_file(path: Path, date: dt.date) -> int:
     return rows
 
 
-def ingest_date(date: str, settings: Settings | None = None, table: str = IMPRESSIONS,
-                properties: dict | None = None, sorted_table: bool = True) -> dict:
-    """Sort one landed date into the impressions table; returns what was written.
+def staging_branch(date: str) -> str:
+    return "stage_" + parse_date(date).strftime("%Y%m%d")
 
+
+def ingest_date(date: str, settings: Settings | None = None, table: str = IMPRESSIONS,
+                properties: dict | None = None, sorted_table: bool = True, publish: bool = False) -> dict:
+    """Sort one landed date into a staging branch of the impressions table.
+
+    With ``publish`` the branch is published at once (no audit: benchmarks, trusted data).
     ``properties``/``sorted_table`` create a variant table (the storage benchmark's raw-log
     baseline and property sweep); the defaults are the production table.
     """
@@ -95,6 +104,10 @@ def ingest_date(date: str, settings: Settings | None = None, table: str = IMPRES
     spark = get_spark(settings, app_name=f"reqdedup-ingest-{date}")
     for stmt in create_impressions_sql(settings, table, properties, sorted_table):
         spark.sql(stmt)
+    full_name = settings.spark_table(table)
+    branch = staging_branch(date)
+    # A rerun restarts the branch from main, so staging is idempotent too.
+    spark.sql(f"ALTER TABLE {full_name} CREATE OR REPLACE BRANCH {branch}")
     started = time.perf_counter()
     landed = spark.read.parquet(*[str(p) for p in files])
     columns = [f.name for f in IMPRESSIONS_SCHEMA]
@@ -102,31 +115,67 @@ def ingest_date(date: str, settings: Settings | None = None, table: str = IMPRES
     # (range by event_date, bucket(user_id), user_id, request_id): the sort happens there.
     (
         landed.select(*columns)
-        .writeTo(settings.spark_table(table))
+        .writeTo(f"{full_name}.branch_{branch}")
         .option("check-nullability", "false")  # nulls in keys were refused above, per file
         .overwrite(F.col("event_date") == F.lit(day))
     )
     seconds = time.perf_counter() - started
-    snap = spark.sql(
-        f"SELECT snapshot_id, summary FROM {settings.spark_table(table)}.snapshots ORDER BY committed_at DESC LIMIT 1"
-    ).collect()[0]
-    rows_in_table = spark.table(settings.spark_table(table)).where(F.col("event_date") == F.lit(day)).count()
+    staged_snapshot = spark.sql(
+        f"SELECT snapshot_id FROM {full_name}.refs WHERE name = '{branch}'"
+    ).collect()[0]["snapshot_id"]
+    staged = spark.read.option("branch", branch).table(full_name).where(F.col("event_date") == F.lit(day))
+    rows_in_table = staged.count()
     if rows_in_table != rows_landed:
         raise RuntimeError(f"ingest of {date} wrote {rows_in_table} rows, {rows_landed} landed")
-    files_written = spark.sql(
-        f"SELECT count(*) AS n, sum(file_size_in_bytes) AS b FROM {settings.spark_table(table)}.files "
-        f"WHERE partition.event_date = DATE'{date}'"
-    ).collect()[0]
-    return {
+    files_written = staged_files(settings, table, int(staged_snapshot), date)
+    summary = {
         "date": date,
-        "table": settings.spark_table(table),
+        "table": full_name,
+        "branch": branch,
         "landing_files": len(files),
         "rows": rows_landed,
         "bytes_landed": bytes_landed,
-        "data_files": int(files_written["n"]),
-        "bytes_in_table": int(files_written["b"] or 0),
-        "snapshot_id": int(snap["snapshot_id"]),
+        "data_files": len(files_written),
+        "bytes_in_table": sum(f.file_size_in_bytes for f in files_written),
+        "snapshot_id": int(staged_snapshot),
         "seconds": round(seconds, 3),
         "rows_per_s": round(rows_landed / seconds, 1),
         "landed_mb_per_s": round(bytes_landed / 1e6 / seconds, 2),
+        "published": False,
     }
+    if publish:
+        summary["published"] = publish_date(date, settings, table)["published"]
+    return summary
+
+
+def staged_files(settings: Settings, table: str, snapshot_id: int, date: str) -> list:
+    """Data files of one date in a snapshot (pyiceberg: no Spark job needed)."""
+    from reqdedup.lake.catalog import load_table
+
+    scan = load_table(table, settings).scan(row_filter=f"event_date = '{date}'", snapshot_id=snapshot_id)
+    return [task.file for task in scan.plan_files()]
+
+
+def publish_date(date: str, settings: Settings | None = None, table: str = IMPRESSIONS) -> dict:
+    """Make a staged date visible on main (fast-forward), then drop its staging branch.
+
+    Idempotent: publishing a date whose branch is already gone is a no-op if main holds the
+    date. Fails clearly if main moved since the date was staged (stage it again).
+    """
+    settings = settings or get_settings()
+    from reqdedup.lake.spark import get_spark
+
+    spark = get_spark(settings)
+    full_name = settings.spark_table(table)
+    branch = staging_branch(date)
+    refs = {r["name"]: r["snapshot_id"] for r in spark.sql(f"SELECT name, snapshot_id FROM {full_name}.refs").collect()}
+    if branch not in refs:
+        if spark.table(full_name).where(f"event_date = DATE'{date}'").limit(1).count():
+            return {"date": date, "branch": branch, "published": True, "already": True}
+        raise InputError(f"nothing staged for {date} in {full_name}: run `reqdedup ingest --date {date}` first")
+    try:
+        spark.sql(f"CALL {settings.catalog_name}.system.fast_forward('{settings.namespace}.{table}', 'main', '{branch}')")
+    except Exception as e:  # Iceberg refuses when main is not an ancestor of the branch
+        raise InputError(f"cannot publish {date}: main moved since it was staged ({e}); run ingest again") from None
+    spark.sql(f"ALTER TABLE {full_name} DROP BRANCH IF EXISTS {branch}")
+    return {"date": date, "branch": branch, "published": True, "snapshot_id": int(refs[branch])}

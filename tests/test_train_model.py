@@ -178,3 +178,16 @@ def test_history_longer_than_configured_seq_len_is_an_error():
 
 def test_model_config_round_trips_through_dict():
     assert ModelConfig.from_dict(TINY.to_dict()) == TINY
+
+
+def test_training_core_imports_with_torch_alone():
+    """The GPU machine has Python + torch only: numpy/pyarrow/pandas must not be needed."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('numpy', 'pyarrow', 'pandas'): sys.modules[name] = None\n"
+            "import reqdedup.train.batch, reqdedup.train.dedup, reqdedup.train.model\n"
+            "import reqdedup.train.losses, reqdedup.train.syncbn, reqdedup.bench.train\n")
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

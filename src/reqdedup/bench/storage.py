@@ -1,8 +1,12 @@
-"""Storage benchmark: the same generated rows in Iceberg, raw-log order vs request-sorted.
+"""Storage benchmark: the same generated rows in Iceberg, IID order vs request-sorted.
 
-Both tables are written by the real ingest path (Spark + Iceberg) with the same writer
-properties and partitioning; only the row order differs. Column sizes are the compressed
-sizes of the column chunks in the data files' Parquet footers.
+Three tables of the same rows, written by the real ingest path (Spark + Iceberg) with the
+same writer properties and partitioning; only the row order differs:
+- ``iid``: rows shuffled across the whole date, as a row-level (IID) training table holds them;
+- ``raw_log``: the generator's arrival order, where rows of concurrent requests interleave
+  but a request's rows stay close in time (so zstd's window still finds some repeats);
+- ``sorted``: request-sorted by (user_id, request_id), the production table.
+Column sizes are the compressed sizes of the column chunks in the data files' Parquet footers.
 """
 
 from __future__ import annotations
@@ -41,6 +45,20 @@ def column_bytes(table_name: str, settings: Settings) -> tuple[dict[str, int], i
                 top = chunk.path_in_schema.split(".")[0]
                 per_column[top] = per_column.get(top, 0) + chunk.total_compressed_size
     return per_column, total, files
+
+
+def write_shuffled_landing(src_folder: Path, dst_folder: Path, seed: int) -> None:
+    """The same landed rows, shuffled across the date (a seeded permutation)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from reqdedup.data.generator import replace_dir_atomically, temp_dir_for
+
+    table = pq.read_table(src_folder)
+    order = np.random.default_rng(seed).permutation(table.num_rows)
+    tmp = temp_dir_for(dst_folder)
+    pq.write_table(table.take(order).select([f.name for f in IMPRESSIONS_SCHEMA]), tmp / "part-00000.parquet")
+    replace_dir_atomically(tmp, dst_folder)
 
 
 def _ratio(a: int, b: int) -> float:
@@ -87,23 +105,30 @@ def run_storage_bench(*, requests: int, candidates: int, history: int, users: in
     cfg = GeneratorConfig(users=users or max(1, requests // 4), requests=requests, candidates=candidates,
                           history=history, seed=seed, date=BENCH_DATE)
     generated = write_landing(cfg, out_dir=settings.landing_dir)
+    shuffled = dataclasses.replace(settings, landing_dir=bench_home / "landing_iid")
+    write_shuffled_landing(settings.landing_path(BENCH_DATE), shuffled.landing_path(BENCH_DATE), seed)
 
     spark = get_spark(settings, app_name="reqdedup-bench-storage")
-    variants = {"iid": (COMPRESSION_PROPERTIES, False), "sorted": (COMPRESSION_PROPERTIES, True)}
+    # name -> (landing settings, writer properties, sorted table?)
+    variants = {
+        "iid": (shuffled, COMPRESSION_PROPERTIES, False),
+        "raw_log": (settings, COMPRESSION_PROPERTIES, False),
+        "sorted": (settings, COMPRESSION_PROPERTIES, True),
+    }
     if sweep:
-        variants |= {f"sorted_{name}": (props, True) for name, props in PROPERTY_CANDIDATES.items()}
-        variants |= {f"iid_{name}": (props, False) for name, props in PROPERTY_CANDIDATES.items()}
+        variants |= {f"sorted_{name}": (settings, props, True) for name, props in PROPERTY_CANDIDATES.items()}
+        variants |= {f"iid_{name}": (shuffled, props, False) for name, props in PROPERTY_CANDIDATES.items()}
     measured = {}
-    for name, (props, sorted_table) in variants.items():
+    for name, (landing, props, sorted_table) in variants.items():
         spark.sql(f"DROP TABLE IF EXISTS {settings.spark_table('storage_' + name)} PURGE")
         t0 = time.perf_counter()
-        ingest = ingest_date(BENCH_DATE, settings, table="storage_" + name, properties=props,
+        ingest = ingest_date(BENCH_DATE, landing, table="storage_" + name, properties=props,
                              sorted_table=sorted_table, publish=True)
         per_column, total, files = column_bytes("storage_" + name, settings)
         measured[name] = {"per_column": per_column, "bytes": total, "files": files, "properties": props,
                           "ingest": ingest, "seconds": round(time.perf_counter() - t0, 2)}
 
-    iid, srt = measured["iid"], measured["sorted"]
+    iid, srt, raw = measured["iid"], measured["sorted"], measured["raw_log"]
     user_iid = sum(iid["per_column"][c] for c in USER_COLUMNS)
     user_srt = sum(srt["per_column"][c] for c in USER_COLUMNS)
     item_iid = sum(iid["per_column"][c] for c in ITEM_SIDE_COLUMNS)
@@ -130,6 +155,9 @@ def run_storage_bench(*, requests: int, candidates: int, history: int, users: in
                 "ratio": _ratio(iid["per_column"][c], srt["per_column"][c])}
             for c in iid["per_column"]
         },
+        "bytes_raw_log": raw["bytes"],
+        "raw_log_table_ratio": _ratio(raw["bytes"], srt["bytes"]),
+        "raw_log_user_columns_ratio": _ratio(sum(raw["per_column"][c] for c in USER_COLUMNS), user_srt),
         "files_iid": iid["files"],
         "files_sorted": srt["files"],
         "properties": COMPRESSION_PROPERTIES,
@@ -140,7 +168,7 @@ def run_storage_bench(*, requests: int, candidates: int, history: int, users: in
         result["sweep"] = {
             name: {"bytes": m["bytes"], "user_columns_bytes": sum(m["per_column"][c] for c in USER_COLUMNS),
                    "properties": m["properties"]}
-            for name, m in measured.items() if name not in ("iid", "sorted")
+            for name, m in measured.items() if name.startswith(("sorted_", "iid_"))
         }
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -113,8 +113,127 @@ def _add_bench(sub):
 
     s.set_defaults(func=run_storage)
 
+    t = bsub.add_parser("train", help="training rows/s: per-row user encoding vs request-level dedup (same run)",
+                        add_help=False)
 
-BUILDERS = [_add_generate, _add_import, _add_ingest, _add_bench]
+    def run_train_bench(a, rest):
+        from reqdedup.bench.train import main as bench_main
+
+        raise SystemExit(bench_main(rest))
+
+    t.set_defaults(func=run_train_bench, passthrough=True)
+
+
+# ---- train ------------------------------------------------------------------------------
+def _add_train(sub):
+    p = sub.add_parser("train", help="train through torchrun (gloo on CPU, NCCL on CUDA) from a YAML config")
+    p.add_argument("--config", required=True, help="training config (YAML); see configs/")
+
+    def run(a):
+        from reqdedup.train.launch import run_training
+
+        metrics = run_training(a.config)
+        _print_json({k: v for k, v in metrics.items() if k != "history"})
+
+    p.set_defaults(func=run)
+
+
+# ---- validate / features / sample (issue 4) ----------------------------------------------
+def _date_range(a):
+    from reqdedup.errors import InputError as _E
+
+    if a.date and (a.start or a.end):
+        raise _E("give --date D or --start D --end D, not both")
+    if a.date:
+        return a.date, a.date
+    if not (a.start and a.end):
+        raise _E("give --date D or both --start D and --end D")
+    return a.start, a.end
+
+
+def _int_list(text, what):
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{what} {text!r} is not a comma-separated list of integers") from None
+
+
+def _add_validate(sub):
+    p = sub.add_parser("validate", help="Great Expectations suites on a staged date; publish it to main if they pass")
+    p.add_argument("--date", required=True)
+    p.add_argument("--label-rate-min", type=float, default=None, help="default 0.005")
+    p.add_argument("--label-rate-max", type=float, default=None, help="default 0.5")
+    p.add_argument("--no-publish", action="store_true", help="audit only; leave the date on its staging branch")
+    p.add_argument("--table", default="impressions", help=argparse.SUPPRESS)
+
+    def run(a):
+        from reqdedup.quality.runner import validate_date
+
+        _print_json(validate_date(a.date, table=a.table, label_rate_min=a.label_rate_min,
+                                  label_rate_max=a.label_rate_max, publish=not a.no_publish))
+
+    p.set_defaults(func=run)
+
+
+def _add_features(sub):
+    p = sub.add_parser("features", help="feature side tables: same bucketing and sort as impressions, joined per bucket")
+    fsub = p.add_subparsers(dest="features", required=True)
+
+    def dates(q):
+        q.add_argument("--date", default=None)
+        q.add_argument("--start", default=None)
+        q.add_argument("--end", default=None)
+
+    q = fsub.add_parser("list", help="the registered features")
+    q.set_defaults(func=lambda a: _print_json(__import__("reqdedup.lake.features", fromlist=["x"]).list_features()))
+
+    q = fsub.add_parser("add", help="compute a feature for dates into its side table (impressions untouched)")
+    q.add_argument("name")
+    dates(q)
+
+    def run_add(a):
+        from reqdedup.lake.features import add_feature
+
+        start, end = _date_range(a)
+        _print_json(add_feature(a.name, start, end))
+
+    q.set_defaults(func=run_add)
+
+    q = fsub.add_parser("backfill", help="recompute a feature for some user buckets only (one atomic overwrite)")
+    q.add_argument("name")
+    q.add_argument("--buckets", default=None, help="comma-separated bucket numbers, e.g. 1,3")
+    q.add_argument("--users", default=None, help="comma-separated user ids, mapped to their buckets")
+    dates(q)
+
+    def run_backfill(a):
+        from reqdedup.lake.backfill import backfill_feature
+
+        start, end = _date_range(a)
+        buckets = _int_list(a.buckets, "--buckets") if a.buckets else None
+        users = _int_list(a.users, "--users") if a.users else None
+        _print_json(backfill_feature(a.name, start, end, buckets=buckets, users=users))
+
+    q.set_defaults(func=run_backfill)
+
+
+def _add_sample(sub):
+    p = sub.add_parser("sample", help="user-stratified sample of a date: whole users and requests, heavy users capped")
+    p.add_argument("--date", required=True)
+    p.add_argument("--rate", type=float, required=True, help="share of users sampled in every activity stratum")
+    p.add_argument("--cap", type=int, default=None, help="max requests kept per sampled user")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strata", type=int, default=4, help="activity strata (requests-per-day quantiles)")
+    p.add_argument("--users-only", action="store_true", help="return the sampled user ids, write no table")
+
+    def run(a):
+        from reqdedup.lake.sample import sample_date
+
+        _print_json(sample_date(a.date, a.rate, cap=a.cap, seed=a.seed, strata=a.strata, write=not a.users_only))
+
+    p.set_defaults(func=run)
+
+
+BUILDERS = [_add_generate, _add_import, _add_ingest, _add_train, _add_bench, _add_validate, _add_features, _add_sample]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits 2
     try:
-        args.func(args)
+        args.func(args, rest) if getattr(args, "passthrough", False) else args.func(args)
     except InputError as e:
         print(f"reqdedup {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,240 @@
+"""One training process, launched by torchrun (`reqdedup train` starts it).
+
+Reads its rank from torchrun's environment, trains on its shard of the lake, and on rank 0
+writes a checkpoint at the end of every epoch (atomic rename), logs params and metrics to
+MLflow, and finally the model and its metrics. A rerun of the same config resumes from the
+last checkpoint: a run killed mid-way ends where an unbroken run ends (data order, model
+init and optimizer state are all functions of the seed and the epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from reqdedup.train.config import TrainConfig, load_config
+from reqdedup.train.losses import recommendation_losses
+from reqdedup.train.model import RecModel
+from reqdedup.train.syncbn import convert_sync_batchnorm
+
+CHECKPOINT = "checkpoint.pt"
+FINAL_MODEL = "model.pt"
+METRICS = "metrics.json"
+MLFLOW_RUN_ID = "mlflow_run_id"
+# Test hook: SIGKILL rank 0 at this global step (a real kill, to test resume).
+KILL_AT_STEP_ENV = "REQDEDUP_TRAIN_KILL_AT_STEP"
+
+
+def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    want = cfg.dist.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("dist.device = cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+class EpochMeter:
+    """Sums over an epoch, all-reduced across ranks at its end."""
+
+    KEYS = ("rows", "requests", "unique_users", "batches", "loss", "ranking_bce", "retrieval_loss",
+            "false_negative_rate", "fnr_batches")
+
+    def __init__(self):
+        self.sums = dict.fromkeys(self.KEYS, 0.0)
+
+    def add(self, batch, loss, stats) -> None:
+        s = self.sums
+        s["rows"] += batch.num_rows
+        s["requests"] += batch.num_requests
+        s["unique_users"] += int(batch.unique_users().numel())
+        s["batches"] += 1
+        s["loss"] += float(loss)
+        s["ranking_bce"] += float(stats["ranking_bce"])
+        s["retrieval_loss"] += float(stats["retrieval_loss"])
+        if "false_negative_rate" in stats:
+            s["false_negative_rate"] += float(stats["false_negative_rate"])
+            s["fnr_batches"] += 1
+
+    def reduce(self, device) -> dict:
+        values = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        total = dict(zip(self.KEYS, values.tolist()))
+        b = max(total["batches"], 1)
+        return {
+            "rows": int(total["rows"]),
+            "loss": total["loss"] / b,
+            "ranking_bce": total["ranking_bce"] / b,
+            "retrieval_loss": total["retrieval_loss"] / b,
+            "false_negative_rate": total["false_negative_rate"] / max(total["fnr_batches"], 1),
+            "unique_users_per_batch": total["unique_users"] / b,
+            "requests_per_batch": total["requests"] / b,
+        }
+
+
+def check_item_ids_fit(rows, items: int) -> None:
+    """Item ids index the embedding tables: refuse data the model cannot embed."""
+    import pyarrow.compute as pc
+
+    from reqdedup.errors import InputError
+
+    biggest = max(pc.max(rows.column("item_id")).as_py() or 0,
+                  pc.max(pc.list_flatten(rows.column("user_history"))).as_py() or 0)
+    if biggest >= items:
+        raise InputError(f"the data holds item id {biggest} but model.items = {items}: "
+                         f"set model.items to at least {biggest + 1} (the catalog size)")
+
+
+def _mlflow_run(cfg: TrainConfig, settings, run_dir: Path):
+    import mlflow
+
+    from reqdedup.registry.tracking import init_tracking
+
+    init_tracking(settings, cfg.mlflow.experiment)
+    run_id_file = run_dir / MLFLOW_RUN_ID
+    if run_id_file.exists():  # resume: continue the same MLflow run
+        return mlflow.start_run(run_id=run_id_file.read_text().strip())
+    run = mlflow.start_run(run_name=cfg.name, parent_run_id=cfg.mlflow.parent_run_id,
+                           tags={"reqdedup.stage": "train", **cfg.mlflow.tags})
+    run_id_file.write_text(run.info.run_id)
+    mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in cfg.flat_params().items()})
+    return run
+
+
+def train(cfg: TrainConfig, settings) -> dict:
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(cfg, local_rank)
+    backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if world > 1:
+        dist.init_process_group(backend)
+    torch.manual_seed(cfg.train.seed)
+    torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
+    run_dir = cfg.run_dir(settings)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    from reqdedup.train.loader import RequestLoader
+
+    loader = RequestLoader.from_lake(
+        cfg.data.train_start, cfg.data.train_end, buckets=cfg.data.buckets, settings=settings,
+        order=cfg.data.order, batch_rows=cfg.data.batch_rows, seq_len=cfg.model.seq_len,
+        seed=cfg.train.seed, rank=rank, world_size=world)
+
+    check_item_ids_fit(loader.rows, cfg.model.items)
+    model = RecModel(cfg.model)
+    if cfg.train.sync_bn and world > 1:
+        model = convert_sync_batchnorm(model.to(device))
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    start_epoch, history = 0, []
+    ckpt_path = run_dir / CHECKPOINT
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+        if rank == 0:
+            print(f"[train] resuming {cfg.name} from epoch {start_epoch} ({ckpt_path})", flush=True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    amp = device.type == "cuda" and cfg.train.mixed_precision == "auto"
+
+    run = _mlflow_run(cfg, settings, run_dir) if (rank == 0 and cfg.mlflow.enabled) else None
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+    steps_per_epoch = loader.steps_per_epoch()
+    train_seconds = sum(h["seconds"] for h in history)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        ddp.train()
+        meter = EpochMeter()
+        t0 = time.perf_counter()
+        for step, batch in enumerate(loader.epoch(epoch)):
+            if rank == 0 and epoch * steps_per_epoch + step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = ddp(batch, mode=cfg.train.user_encoding)
+                loss, stats = recommendation_losses(
+                    outputs, batch, retrieval_weight=cfg.train.retrieval_weight, temperature=cfg.train.temperature,
+                    mask_same_user=cfg.train.mask_same_user, mask_same_item=cfg.train.mask_same_item)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            meter.add(batch, loss.detach(), stats)
+        seconds = time.perf_counter() - t0
+        epoch_metrics = meter.reduce(device)
+        epoch_metrics.update(epoch=epoch, seconds=seconds, rows_per_s=epoch_metrics["rows"] / max(seconds, 1e-9))
+        history.append(epoch_metrics)
+        train_seconds += seconds
+        if rank == 0:
+            print(f"[train] {cfg.name} epoch {epoch + 1}/{cfg.train.epochs}: loss {epoch_metrics['loss']:.4f} "
+                  f"fnr {epoch_metrics['false_negative_rate']:.3f} users/batch {epoch_metrics['unique_users_per_batch']:.1f} "
+                  f"{epoch_metrics['rows_per_s']:.0f} rows/s", flush=True)
+            atomic_save({"model": unwrap(ddp).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                         "history": history, "config": cfg.to_dict()}, ckpt_path)
+            if run is not None:
+                import mlflow
+
+                mlflow.log_metrics({k: v for k, v in epoch_metrics.items() if k != "epoch"}, step=epoch)
+        if world > 1:
+            dist.barrier()
+
+    final = {
+        "name": cfg.name,
+        "epochs": cfg.train.epochs,
+        "world_size": world,
+        "device": str(device),
+        "train_seconds": train_seconds,
+        "rows_per_s": sum(h["rows"] for h in history) / max(train_seconds, 1e-9),
+        "final": history[-1],
+        "history": history,
+        "mlflow_run_id": run.info.run_id if run is not None else None,
+    }
+    if rank == 0:
+        # Plain BatchNorm state (SyncBN keys are the same), so eval/serving need no process group.
+        atomic_save({"model": unwrap(ddp).state_dict(), "model_config": cfg.model.to_dict(), "config": cfg.to_dict()},
+                    run_dir / FINAL_MODEL)
+        (run_dir / METRICS).write_text(json.dumps(final, indent=2))
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metric("train_rows_per_s", final["rows_per_s"])
+            mlflow.log_artifact(str(run_dir / METRICS))
+            mlflow.end_run()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one torchrun training process (use `reqdedup train`)")
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(argv)
+    from reqdedup.config import get_settings
+
+    train(load_config(args.config), get_settings())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

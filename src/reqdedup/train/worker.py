@@ -127,7 +127,10 @@ def train(cfg: TrainConfig, settings) -> dict:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(cfg, local_rank)
     backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
-    if world > 1:
+    # Several runs may share one torchrun launch (the evaluation matrix): the group is
+    # created once and left to whoever created it.
+    owns_group = world > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group(backend)
     torch.manual_seed(cfg.train.seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
@@ -222,6 +225,7 @@ def train(cfg: TrainConfig, settings) -> dict:
             mlflow.end_run()
     if world > 1:
         dist.barrier()
+    if owns_group:
         dist.destroy_process_group()
     return final
 

@@ -50,12 +50,11 @@ def test_cpu_sync_bn_without_group_behaves_like_batchnorm():
     torch.testing.assert_close(mine(x), plain(x))
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_with_uneven_slices_match_single_process_batchnorm(tmp_path):
+def _two_ranks_match_single_process_batchnorm(tmp_path, device: str):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(WORKER), str(tmp_path)]
+           str(WORKER), str(tmp_path), device]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -75,3 +74,14 @@ def test_two_gloo_ranks_with_uneven_slices_match_single_process_batchnorm(tmp_pa
                 torch.testing.assert_close(got, expected, msg=f"{name}.{key}")
     # sanity: the comparison is not vacuous, per-rank BN statistics would differ
     assert ranks[0]["bn1d.buffer.1.running_mean"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_with_uneven_slices_match_single_process_batchnorm(tmp_path):
+    _two_ranks_match_single_process_batchnorm(tmp_path, "cpu")
+
+
+# Runs on the lent multi-GPU machine (bench/results/multigpu_h200.md); CI has no GPU.
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_two_nccl_gpus_with_uneven_slices_match_single_process_batchnorm(tmp_path):
+    _two_ranks_match_single_process_batchnorm(tmp_path, "cuda")

@@ -233,7 +233,52 @@ def _add_sample(sub):
     p.set_defaults(func=run)
 
 
-BUILDERS = [_add_generate, _add_import, _add_ingest, _add_train, _add_bench, _add_validate, _add_features, _add_sample]
+# ---- evaluate / report / register (issue 5) ---------------------------------------------
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="train + evaluate the experiment matrix (iid vs request-sorted, fixes) in one torchrun launch")
+    p.add_argument("--config", required=True, help="evaluation matrix config (YAML), e.g. configs/eval_demo.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (YAML), e.g. --set data.batch_rows=128; repeatable")
+    p.add_argument("--retrain", action="store_true", help="retrain every run instead of reusing its finished checkpoint")
+    p.add_argument("--report-dir", default=None, help="report folder (default: <reports>/evaluation)")
+
+    def run(a):
+        from reqdedup.evaluate.matrix import run_evaluation
+        from reqdedup.evaluate.report import markdown_table
+
+        summary = run_evaluation(a.config, overrides=a.overrides, retrain=a.retrain, report_dir=a.report_dir)
+        print(markdown_table(summary))
+        _print_json({k: summary[k] for k in ("evaluation_id", "eval_set_id", "parent_run_id", "status", "timing")})
+
+    p.set_defaults(func=run)
+
+    p = sub.add_parser("report", help="print the latest evaluation table")
+    p.add_argument("--report-dir", default=None, help="report folder (default: <reports>/evaluation)")
+
+    def run_report(a):
+        from reqdedup.config import get_settings
+        from reqdedup.evaluate.matrix import report_dir_default
+        from reqdedup.evaluate.report import show
+
+        print(show(a.report_dir or report_dir_default(get_settings())))
+
+    p.set_defaults(func=run_report)
+
+    p = sub.add_parser("register", help="register sorted_fixed (alias challenger); champion only through the gate")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="relative tolerance against iid on the gate metrics (default: the evaluation config's, 0.005)")
+    p.add_argument("--summary", default=None, help="evaluation summary.json (default: <reports>/evaluation/summary.json)")
+
+    def run_register(a):
+        from reqdedup.registry.register import register
+
+        _print_json(register(summary_path=a.summary, tolerance=a.tolerance))
+
+    p.set_defaults(func=run_register)
+
+
+BUILDERS = [_add_generate, _add_import, _add_ingest, _add_train, _add_bench, _add_validate, _add_features, _add_sample,
+            _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

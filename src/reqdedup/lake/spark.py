@@ -34,7 +34,8 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.driver.host": "127.0.0.1",
         "spark.driver.bindAddress": "127.0.0.1",
         "spark.ui.enabled": "false",
-        "spark.ui.showConsoleProgress": "true",
+        # Stage progress bars on a terminal; in logs (Airflow, CI) they are noise.
+        "spark.ui.showConsoleProgress": str(os.sys.stderr.isatty()).lower(),
         # Storage-partitioned joins: bucket-aligned tables join without a shuffle.
         "spark.sql.sources.v2.bucketing.enabled": "true",
         "spark.sql.sources.v2.bucketing.pushPartValues.enabled": "true",

@@ -1,0 +1,236 @@
+"""`airflow standalone` on 127.0.0.1: trigger the pipeline through REST API v2 with params,
+wait for success; a trigger with invalid params is refused by the params schema.
+
+The server is shared with tests/test_browser.py (one start per test session, stopped at the
+end of the session by TERM to its process group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_ID = "request_dedup_pipeline"
+USER, PASSWORD = "admin", "reqdedup-test"
+E2E_DATE = "2026-01-03"
+E2E_CONF = {"date": E2E_DATE, "users": 30, "requests": 60, "candidates": 8, "history": 12, "items": 400,
+            "seeds": [0]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Standalone:
+    """`airflow standalone` in its own process group, AIRFLOW_HOME and port."""
+
+    def __init__(self, reqdedup_env: dict[str, str]):
+        self.home = Path(tempfile.mkdtemp(prefix="reqdedup_standalone_"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (self.home / "passwords.json").write_text(json.dumps({USER: PASSWORD}))
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ, **reqdedup_env,
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "2",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        }
+        self.env.pop("AIRFLOW__CORE__UNIT_TEST_MODE", None)
+        self.log_path = self.home / "standalone.log"
+        self.proc: subprocess.Popen | None = None
+        self.token: str | None = None
+
+    def start(self, timeout: float = 300) -> None:
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"],
+                                     env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        import httpx
+
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"airflow standalone exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                health = httpx.get(f"{self.url}/api/v2/monitor/health", timeout=5).json()
+                if health.get("scheduler", {}).get("status") == "healthy":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"airflow standalone not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)  # TERM to the parent alone would leave orphans
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        # Children that outlive the parent by a moment: make sure the group is gone.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+        os.killpg(pgid, signal.SIGKILL)
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    # ---- REST API v2 ---------------------------------------------------------------------
+    def login(self) -> str:
+        import httpx
+
+        r = httpx.post(f"{self.url}/auth/token", json={"username": USER, "password": PASSWORD}, timeout=30)
+        r.raise_for_status()
+        self.token = r.json()["access_token"]
+        return self.token
+
+    def api(self, method: str, path: str, **kw):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token or self.login()}"}
+        return httpx.request(method, f"{self.url}/api/v2{path}", headers=headers, timeout=60, **kw)
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.api("GET", f"/dags/{dag_id}").status_code == 200:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"DAG {dag_id} not parsed after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def trigger(self, dag_id: str, conf: dict):
+        return self.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}").json()
+            if run.get("state") in ("success", "failed"):
+                return run
+            time.sleep(5)
+        raise TimeoutError(f"run {run_id} not finished after {timeout:.0f} s")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict:
+        tis = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+        return {ti["task_id"]: ti["state"] for ti in tis}
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        r = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                     params={"full_content": "true"}, headers={"Accept": "text/plain"})
+        return r.text
+
+
+_SERVER: dict[str, Standalone] = {}
+_RUNS: dict[str, str] = {}
+
+
+def shared_standalone(request) -> Standalone:
+    """One server per test session, whichever module asks first; stopped at session end."""
+    if "server" not in _SERVER:
+        reqdedup_env = {k: v for k, v in os.environ.items() if k.startswith("REQDEDUP_")}
+        server = Standalone(reqdedup_env)
+        request.session.config.add_cleanup(server.stop)
+        _SERVER["server"] = server
+        t0 = time.monotonic()
+        server.start()
+        server.started_in = time.monotonic() - t0
+    return _SERVER["server"]
+
+
+def successful_run(server: Standalone) -> str:
+    """Trigger the pipeline once per session with tiny params and wait for its success."""
+    if "run_id" in _RUNS:
+        return _RUNS["run_id"]
+    server.wait_for_dag(DAG_ID)
+    r = server.trigger(DAG_ID, E2E_CONF)
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    run = server.wait_for_run(DAG_ID, run_id, timeout=1500)
+    states = server.task_states(DAG_ID, run_id)
+    if run["state"] != "success":
+        failed = [t for t, s in states.items() if s == "failed"]
+        logs = "\n".join(server.task_log(DAG_ID, run_id, t)[-3000:] for t in failed)
+        pytest.fail(f"run {run_id} {run['state']}: {states}\n{logs}")
+    _RUNS["run_id"] = run_id
+    return run_id
+
+
+@pytest.fixture(scope="session")
+def standalone(request, test_home):
+    return shared_standalone(request)
+
+
+@pytest.mark.slow
+def test_trigger_with_params_through_rest_api_v2(standalone):
+    t0 = time.monotonic()
+    run_id = successful_run(standalone)
+    states = standalone.task_states(DAG_ID, run_id)
+    assert all(s in ("success", "skipped") for s in states.values()), states
+    run = standalone.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
+    assert run["conf"]["date"] == E2E_DATE and run["conf"]["users"] == 30
+    # The run worked on the date from its params, and the check task says so in its log.
+    assert E2E_DATE in standalone.task_log(DAG_ID, run_id, "check_params")
+    print(f"standalone healthy in {standalone.started_in:.0f} s; run {run_id} took {time.monotonic() - t0:.0f} s")
+
+
+@pytest.mark.slow
+def test_trigger_with_invalid_params_is_refused(standalone):
+    standalone.wait_for_dag(DAG_ID)
+    r = standalone.trigger(DAG_ID, {"date": "01/03/2026"})
+    assert r.status_code == 400, r.text
+    assert "date" in r.text and "does not match" in r.text
+    r = standalone.trigger(DAG_ID, {"users": -5})
+    assert r.status_code == 400 and "users" in r.text, r.text
+
+
+@pytest.mark.slow
+def test_report_page_is_served_to_logged_in_users_only(standalone):
+    import httpx
+
+    assert httpx.get(f"{standalone.url}/reqdedup-reports/", timeout=30).status_code == 401
+    r = httpx.get(f"{standalone.url}/reqdedup-reports/", timeout=30,
+                  headers={"Authorization": f"Bearer {standalone.login()}"})
+    assert r.status_code == 200 and "reqdedup: latest reports" in r.text
+    r = httpx.get(f"{standalone.url}/reqdedup-reports/files/../../etc/passwd", timeout=30,
+                  headers={"Authorization": f"Bearer {standalone.token}"})
+    assert r.status_code == 404
+    plugins = standalone.api("GET", "/plugins").json()["plugins"]
+    views = [v for p in plugins for v in p["external_views"]]
+    assert any(v.get("url_route") == "reqdedup-report" for v in views), plugins

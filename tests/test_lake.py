@@ -215,3 +215,25 @@ def test_missing_landing_folder_is_a_clear_error(settings):
 def test_landing_schema_is_the_contract():
     # The generator's output is exactly the contract the ingest checks against.
     assert _good(DAY1).schema.equals(IMPRESSIONS_SCHEMA)
+
+
+def test_storage_benchmark_writes_json_and_plot(settings, spark, tmp_path):
+    from reqdedup.bench.storage import run_storage_bench
+
+    out = tmp_path / "storage.json"
+    result = run_storage_bench(requests=30, candidates=12, history=40, seed=1, json_path=out, settings=settings)
+    import json
+
+    saved = json.loads(out.read_text())
+    for key in ("rows", "candidates_per_request", "bytes_iid", "bytes_sorted", "table_ratio",
+                "user_columns_ratio", "item_columns_ratio", "per_column", "bytes_raw_log"):
+        assert key in saved, key
+    assert saved["rows"] == 30 * 12
+    per_column = saved["per_column"]
+    assert set(per_column) == {f.name for f in IMPRESSIONS_SCHEMA}
+    assert sum(c["iid"] for c in per_column.values()) <= saved["bytes_iid"]
+    assert saved["table_ratio"] == round(saved["bytes_iid"] / saved["bytes_sorted"], 2)
+    # Same rows in every variant; sorting must shrink the user block even at this size.
+    assert saved["user_columns_ratio"] > 1.0
+    assert (settings.reports_dir / "storage_bench.png").stat().st_size > 0
+    assert result["plot"].endswith("storage_bench.png")

@@ -31,3 +31,25 @@ def test_batches_hold_whole_requests_in_order(chunk, batch_rows):
 
 def test_empty_stream_yields_nothing():
     assert list(cut_at_request_boundaries(iter([]), 8)) == []
+
+
+def test_landing_source_reads_sorted_whole_requests(tmp_path, monkeypatch):
+    """REQDEDUP_READ_SOURCE=landing: raw Parquet, sorted in memory (machines without the catalog)."""
+    from reqdedup.config import get_settings
+    from reqdedup.data.generator import GeneratorConfig, generate_table, write_landing
+    from reqdedup.errors import InputError
+    from reqdedup.lake.read import read_request_batches
+
+    monkeypatch.setenv("REQDEDUP_LANDING_DIR", str(tmp_path))
+    monkeypatch.setenv("REQDEDUP_READ_SOURCE", "landing")
+    cfg = GeneratorConfig(users=20, requests=40, candidates=5, history=8, items=100, seed=2, date="2026-06-01")
+    write_landing(cfg, out_dir=tmp_path)
+    settings = get_settings()
+    batches = list(read_request_batches("2026-06-01", "2026-06-02", columns=["user_id"], batch_rows=30,
+                                        settings=settings))
+    got = pa.Table.from_batches(batches)
+    assert got.num_rows == generate_table(cfg).num_rows
+    keys = list(zip(got.column("user_id").to_pylist(), got.column("request_id").to_pylist()))
+    assert keys == sorted(keys)
+    with pytest.raises(InputError, match="bucket subsets"):
+        list(read_request_batches("2026-06-01", buckets=[0], settings=settings))

@@ -40,6 +40,7 @@ class Settings:
     spark_driver_memory: str
     spark_shuffle_partitions: int
     buckets: int
+    read_source: str  # "iceberg" (the table's main branch) or "landing" (raw Parquet, sorted in memory)
     mlflow_tracking_uri: str
     mlflow_artifacts_dir: Path
     mlflow_experiment: str
@@ -118,6 +119,7 @@ def get_settings() -> Settings:
         spark_driver_memory=_env("spark_driver_memory", "4g"),
         spark_shuffle_partitions=int(_env("spark_shuffle_partitions", "8")),
         buckets=int(_env("buckets", "8")),
+        read_source=_env("read_source", "iceberg"),
         mlflow_tracking_uri=_env("mlflow_tracking_uri", f"sqlite:///{mlflow_db}"),
         mlflow_artifacts_dir=path("mlflow_artifacts_dir", home / "mlartifacts"),
         mlflow_experiment=_env("mlflow_experiment", "reqdedup"),

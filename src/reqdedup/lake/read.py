@@ -99,6 +99,28 @@ def _one_batch(table: pa.Table) -> pa.RecordBatch:
     return table.combine_chunks().to_batches()[0]
 
 
+def _landing_stream(start, end, buckets, columns, settings: Settings) -> Iterator[pa.RecordBatch]:
+    """The landed Parquet of each date, sorted by (user_id, request_id) in memory.
+
+    For machines without the catalog (the GPU box has torch, numpy and pyarrow only): the
+    same rows and request order within a date as the table, without its bucket partitions.
+    """
+    import pyarrow.parquet as pq
+
+    if buckets is not None:
+        raise InputError("bucket subsets need the Iceberg table (REQDEDUP_READ_SOURCE=iceberg)")
+    day, last = _as_date(start), _as_date(end)
+    if last < day:
+        raise InputError(f"date range is empty: {day} > {last}")
+    while day <= last:
+        folder = settings.landing_path(day.isoformat())
+        files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if files:
+            rows = pq.read_table(files, columns=list(columns) if columns else None)
+            yield from rows.sort_by([("user_id", "ascending"), ("request_id", "ascending")]).to_batches()
+        day += dt.timedelta(days=1)
+
+
 def read_request_batches(
     start,
     end=None,
@@ -114,12 +136,17 @@ def read_request_batches(
     ``columns`` projects the read; request_id is always included since batches are cut on it.
     Each batch holds whole requests sorted by (user_id, request_id) within a partition.
     """
-    from pyiceberg.io.pyarrow import ArrowScan
-
     settings = settings or get_settings()
-    table = load_table(table_name, settings)
     if columns is not None and "request_id" not in columns:
         columns = ["request_id", *columns]
+    if settings.read_source == "landing":
+        yield from cut_at_request_boundaries(_landing_stream(start, end or start, buckets, columns, settings), batch_rows)
+        return
+    if settings.read_source != "iceberg":
+        raise InputError(f"REQDEDUP_READ_SOURCE={settings.read_source!r}: choose iceberg or landing")
+    from pyiceberg.io.pyarrow import ArrowScan
+
+    table = load_table(table_name, settings)
     scan, partitions = plan_partitions(table, start, end or start, buckets, columns)
     projected = scan.projection()
     arrow_scan = ArrowScan(table.metadata, table.io, projected, scan.row_filter, scan.case_sensitive)

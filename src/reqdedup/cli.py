@@ -123,6 +123,16 @@ def _add_bench(sub):
 
     t.set_defaults(func=run_train_bench, passthrough=True)
 
+    sv = bsub.add_parser("serve", help="serving requests/s and p50/p99: request-level vs per-candidate scoring "
+                         "(same model, same requests); --help for options", add_help=False)
+
+    def run_serve_bench(a, rest):
+        from reqdedup.bench.serve import main as bench_main
+
+        raise SystemExit(bench_main(rest))
+
+    sv.set_defaults(func=run_serve_bench, passthrough=True)
+
 
 # ---- train ------------------------------------------------------------------------------
 def _add_train(sub):
@@ -279,6 +289,36 @@ def _add_evaluate(sub):
 
 BUILDERS = [_add_generate, _add_import, _add_ingest, _add_train, _add_bench, _add_validate, _add_features, _add_sample,
             _add_evaluate]
+
+
+# ---- serve (issue 7) ----------------------------------------------------------------------
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="serve a registered model with MLflow's scoring server on 127.0.0.1 "
+                       "(mlflow models serve --env-manager local)")
+    p.add_argument("--alias", default="champion", help="registered-model alias (default champion)")
+    p.add_argument("--model-uri", default=None, help="default: models:/<registered_model>@<alias>")
+    p.add_argument("--port", type=int, default=5001)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu / cuda / auto (sets REQDEDUP_SERVE_DEVICE)")
+
+    def run(a):
+        import os
+
+        from reqdedup.config import get_settings
+        from reqdedup.serve.pyfunc import DEVICE_ENV, serve_command
+
+        settings = get_settings()
+        uri = a.model_uri or f"models:/{settings.registered_model}@{a.alias}"
+        argv, env = serve_command(uri, host="127.0.0.1", port=a.port, workers=a.workers, settings=settings)
+        if a.device:
+            env[DEVICE_ENV] = a.device
+        print(f"reqdedup serve: {' '.join(argv)}", file=sys.stderr, flush=True)
+        os.execve(argv[0], argv, env) if os.path.isabs(argv[0]) else os.execvpe(argv[0], argv, env)
+
+    p.set_defaults(func=run)
+
+
+BUILDERS.append(_add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

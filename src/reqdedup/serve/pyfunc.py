@@ -215,3 +215,26 @@ def log_request_model(checkpoint_path, *, name: str = "model", registered_model_
         model_config=dict(DEFAULT_MODEL_CONFIG),
         registered_model_name=registered_model_name,
     )
+
+
+# ---- serving -----------------------------------------------------------------------------
+def serve_command(model_uri: str, *, host: str = "127.0.0.1", port: int = 5001, workers: int = 1,
+                  settings=None) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of `mlflow models serve` for `model_uri` with the local environment.
+
+    The env points MLflow at the settings' tracking store (so `models:/name@alias` resolves)
+    and puts this interpreter's bin folder first on PATH (`mlflow models serve` execs
+    `uvicorn` from PATH).
+    """
+    import sys
+
+    from reqdedup.config import get_settings
+
+    settings = settings or get_settings()
+    bin_dir = Path(sys.executable).parent
+    mlflow_bin = bin_dir / "mlflow"
+    argv = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "models", "serve", "-m", model_uri,
+            "--env-manager", "local", "--host", host, "--port", str(port), "--workers", str(workers)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return argv, env

@@ -226,7 +226,8 @@ def test_storage_benchmark_writes_json_and_plot(settings, spark, tmp_path):
 
     saved = json.loads(out.read_text())
     for key in ("rows", "candidates_per_request", "bytes_iid", "bytes_sorted", "table_ratio",
-                "user_columns_ratio", "item_columns_ratio", "per_column", "bytes_raw_log"):
+                "user_columns_ratio", "item_columns_ratio", "per_column", "bytes_raw_log",
+                "bytes_iid_same_properties", "table_ratio_same_properties", "user_columns_ratio_same_properties"):
         assert key in saved, key
     assert saved["rows"] == 30 * 12
     per_column = saved["per_column"]
@@ -234,6 +235,6 @@ def test_storage_benchmark_writes_json_and_plot(settings, spark, tmp_path):
     assert sum(c["iid"] for c in per_column.values()) <= saved["bytes_iid"]
     assert saved["table_ratio"] == round(saved["bytes_iid"] / saved["bytes_sorted"], 2)
     # Same rows in every variant; sorting must shrink the user block even at this size.
-    assert saved["user_columns_ratio"] > 1.0
+    assert saved["user_columns_ratio_same_properties"] > 1.0
     assert (settings.reports_dir / "storage_bench.png").stat().st_size > 0
     assert result["plot"].endswith("storage_bench.png")

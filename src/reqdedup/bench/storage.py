@@ -1,11 +1,14 @@
 """Storage benchmark: the same generated rows in Iceberg, IID order vs request-sorted.
 
-Three tables of the same rows, written by the real ingest path (Spark + Iceberg) with the
-same writer properties and partitioning; only the row order differs:
-- ``iid``: rows shuffled across the whole date, as a row-level (IID) training table holds them;
-- ``raw_log``: the generator's arrival order, where rows of concurrent requests interleave
-  but a request's rows stay close in time (so zstd's window still finds some repeats);
-- ``sorted``: request-sorted by (user_id, request_id), the production table.
+Four tables of the same rows, written by the real ingest path (Spark + Iceberg) with the
+same partitioning:
+- ``iid``: rows shuffled across the whole date, as a row-level (IID) training table holds
+  them, with Iceberg's default writer properties (how such a table is written today);
+- ``iid_same_properties``: the same IID order with the sorted table's writer properties,
+  so ``*_same_properties`` ratios isolate the effect of the order alone;
+- ``raw_log``: the generator's arrival order (chosen properties), where rows of concurrent
+  requests interleave but a request's rows stay close in time;
+- ``sorted``: request-sorted by (user_id, request_id) with the chosen properties.
 Column sizes are the compressed sizes of the column chunks in the data files' Parquet footers.
 """
 
@@ -73,17 +76,19 @@ def plot_storage(result: dict, png: Path) -> None:
 
     names = list(result["per_column"])
     fig, ax = plt.subplots(figsize=(11, 4.8))
-    series = [("iid", "IID (rows shuffled)"), ("raw_log", "raw-log order"), ("sorted", "request-sorted")]
-    width = 0.27
+    series = [("iid", "IID, Iceberg default properties"), ("iid_same_properties", "IID, chosen properties"),
+              ("raw_log", "raw-log order, chosen properties"), ("sorted", "request-sorted, chosen properties")]
+    width = 0.2
     for i, (key, label) in enumerate(series):
-        xs = [x + (i - 1) * width for x in range(len(names))]
+        xs = [x + (i - 1.5) * width for x in range(len(names))]
         ax.bar(xs, [result["per_column"][n][key] for n in names], width=width, label=label)
     ax.set_yscale("log")
     ax.set_xticks(list(range(len(names))), names, rotation=40, ha="right")
     ax.set_ylabel("compressed bytes (log)")
     ax.set_title(
         f"Iceberg storage, {result['rows']:,} rows, {result['candidates_per_request']} candidates/request: "
-        f"IID/sorted: table {result['table_ratio']}x, user columns {result['user_columns_ratio']}x",
+        f"IID/sorted: table {result['table_ratio']}x, user columns {result['user_columns_ratio']}x "
+        f"(same properties: {result['table_ratio_same_properties']}x, {result['user_columns_ratio_same_properties']}x)",
         fontsize=10,
     )
     ax.legend()
@@ -112,7 +117,8 @@ def run_storage_bench(*, requests: int, candidates: int, history: int, users: in
     spark = get_spark(settings, app_name="reqdedup-bench-storage")
     # name -> (landing settings, writer properties, sorted table?)
     variants = {
-        "iid": (shuffled, COMPRESSION_PROPERTIES, False),
+        "iid": (shuffled, PROPERTY_CANDIDATES["iceberg_defaults"], False),
+        "iid_same_properties": (shuffled, COMPRESSION_PROPERTIES, False),
         "raw_log": (settings, COMPRESSION_PROPERTIES, False),
         "sorted": (settings, COMPRESSION_PROPERTIES, True),
     }
@@ -130,6 +136,7 @@ def run_storage_bench(*, requests: int, candidates: int, history: int, users: in
                           "ingest": ingest, "seconds": round(time.perf_counter() - t0, 2)}
 
     iid, srt, raw = measured["iid"], measured["sorted"], measured["raw_log"]
+    same = measured["iid_same_properties"]
     user_iid = sum(iid["per_column"][c] for c in USER_COLUMNS)
     user_srt = sum(srt["per_column"][c] for c in USER_COLUMNS)
     item_iid = sum(iid["per_column"][c] for c in ITEM_SIDE_COLUMNS)
@@ -152,10 +159,15 @@ def run_storage_bench(*, requests: int, candidates: int, history: int, users: in
         "item_columns": list(ITEM_SIDE_COLUMNS),
         "item_columns_ratio": _ratio(item_iid, item_srt),
         "per_column": {
-            c: {"iid": iid["per_column"][c], "raw_log": raw["per_column"][c], "sorted": srt["per_column"][c],
+            c: {"iid": iid["per_column"][c], "iid_same_properties": same["per_column"][c],
+                "raw_log": raw["per_column"][c], "sorted": srt["per_column"][c],
                 "ratio": _ratio(iid["per_column"][c], srt["per_column"][c])}
             for c in iid["per_column"]
         },
+        "iid_properties": iid["properties"],
+        "bytes_iid_same_properties": same["bytes"],
+        "table_ratio_same_properties": _ratio(same["bytes"], srt["bytes"]),
+        "user_columns_ratio_same_properties": _ratio(sum(same["per_column"][c] for c in USER_COLUMNS), user_srt),
         "bytes_raw_log": raw["bytes"],
         "raw_log_table_ratio": _ratio(raw["bytes"], srt["bytes"]),
         "raw_log_user_columns_ratio": _ratio(sum(raw["per_column"][c] for c in USER_COLUMNS), user_srt),

@@ -115,12 +115,15 @@ def run_streaming(cmd: list[str], env: dict | None = None, cwd: str | Path | Non
             lines.append(line)
             log.info("%s", line)
     if proc.returncode != 0:
-        tail = "\n".join(lines[-20:])
+        what = " ".join(map(str, cmd[2:4]))
         if proc.returncode == 2:  # the CLI's exit status for InputError: do not retry
             from airflow.sdk.exceptions import AirflowFailException
 
-            raise AirflowFailException(f"{cmd[2:4]} refused its input (exit 2):\n{tail}")
-        raise RuntimeError(f"command exited with {proc.returncode}: {' '.join(map(str, cmd))}\n{tail}")
+            # The CLI prints "reqdedup <command>: error: <message>" (possibly many lines).
+            start = next((i for i in range(len(lines) - 1, -1, -1) if ": error: " in lines[i]), max(0, len(lines) - 20))
+            raise AirflowFailException(f"{what} refused its input:\n" + "\n".join(lines[start:start + 60]))
+        tail = "\n".join(lines[-20:])
+        raise RuntimeError(f"`{what}` exited with {proc.returncode}:\n{tail}")
     return lines
 
 

@@ -94,12 +94,14 @@ PARAMS = {
         description="Train on this many days before the date; evaluate on the date.",
     ),
     "seeds": Param(
-        [0], type="array", items={"type": "integer", "minimum": 0}, minItems=1, maxItems=8,
-        uniqueItems=True, title="Training seeds", description="Every config of the matrix trains once per seed.",
+        None, type=["null", "array"], items={"type": "integer", "minimum": 0}, minItems=1, maxItems=8,
+        uniqueItems=True, title="Training seeds",
+        description="Every config of the matrix trains once per seed. Empty: the experiment config's seeds.",
     ),
     "gate_tolerance": Param(
-        0.005, type="number", minimum=0, maximum=1, title="Gate tolerance",
-        description="Largest relative drop of the gate metrics vs the IID baseline that still promotes to champion.",
+        None, type=["null", "number"], minimum=0, maximum=1, title="Gate tolerance",
+        description="Largest relative drop of the gate metrics vs the IID baseline that still promotes to "
+                    "champion. Empty: the experiment config's.",
     ),
     "storage_report": Param(True, type="boolean", title="Storage report",
                             description="Measure IID vs request-sorted table bytes at this scale."),
@@ -177,17 +179,24 @@ def request_dedup_pipeline():
 
     @task(outlets=[IMPRESSIONS])
     def data_quality(run: dict, staged: dict) -> dict:
-        """Great Expectations on the staged snapshot; publish it to main only if all pass.
-        A failure names each failed expectation and stops the run before training."""
+        """Great Expectations on the staged snapshot (`reqdedup validate`); publish the date
+        to main only if every expectation holds. A failure names each failed expectation
+        and stops the run before training; the date stays on its staging branch."""
         context = get_current_context()
-        with fail_fast_on_input_error():
-            from reqdedup.quality.runner import validate_date
+        from reqdedup.config import get_settings
 
-            result = validate_date(run["date"])
-        slim = {k: v for k, v in result.items() if k != "expectations"}
-        context["outlet_events"][IMPRESSIONS].extra = {"date": run["date"], "snapshot_id": slim.get("snapshot_id")}
-        log.info("data quality: %s", slim)
-        return slim
+        env = get_settings().as_env()
+        # Audit and publish are two processes: `validate_date(..., publish=True)` in one
+        # process currently fails its publish with SQLITE_BUSY on the catalog (something
+        # in the audit keeps a lock until its process exits); publishing from a fresh
+        # process works. The audit's exit status gates the publish.
+        lines = run_streaming([*reqdedup_cli(), "validate", "--date", run["date"], "--no-publish"], env=env)
+        result = {k: v for k, v in last_json(lines).items() if k != "expectations"}
+        published = last_json(run_streaming([*reqdedup_cli(), "publish", "--date", run["date"]], env=env))
+        result["published"] = published.get("published", False)
+        context["outlet_events"][IMPRESSIONS].extra = {"date": run["date"], "snapshot_id": result.get("snapshot_id")}
+        log.info("data quality: %s", result)
+        return result
 
     @task(outlets=[FEATURES])
     def feature_columns(run: dict, published: dict) -> list[dict]:
@@ -245,8 +254,11 @@ def request_dedup_pipeline():
         overrides = {
             "data.train_start": json.dumps(run["train_start"]), "data.train_end": json.dumps(run["train_end"]),
             "data.eval_start": json.dumps(run["date"]), "data.eval_end": json.dumps(run["date"]),
-            "seeds": json.dumps(p["seeds"]), "gate.tolerance": json.dumps(p["gate_tolerance"]),
         }
+        if p["seeds"]:
+            overrides["seeds"] = json.dumps(p["seeds"])
+        if p["gate_tolerance"] is not None:
+            overrides["gate.tolerance"] = json.dumps(p["gate_tolerance"])
         cmd = [*reqdedup_cli(), "evaluate", "--config", run["experiment_config"]]
         for key, value in overrides.items():
             cmd += ["--set", f"{key}={value}"]
@@ -263,8 +275,10 @@ def request_dedup_pipeline():
         p = context["params"]
         from reqdedup.config import get_settings
 
-        lines = run_streaming([*reqdedup_cli(), "register", "--tolerance", str(p["gate_tolerance"])],
-                              env=get_settings().as_env())
+        cmd = [*reqdedup_cli(), "register"]
+        if p["gate_tolerance"] is not None:
+            cmd += ["--tolerance", str(p["gate_tolerance"])]
+        lines = run_streaming(cmd, env=get_settings().as_env())
         result = last_json(lines)
         context["outlet_events"][MODEL].extra = {k: result.get(k) for k in
                                                  ("registered_model", "version", "aliases", "evaluation_id")}

@@ -20,7 +20,7 @@ started=$(date +%s)
 # shellcheck source=scripts/airflow_env.sh
 source scripts/airflow_env.sh
 
-DATES=(${DEMO_DATES:-2026-01-01 2026-01-02})
+DATES=(${DEMO_DATES:-2026-01-03 2026-01-04})
 USERS=${DEMO_USERS:-500}
 REQUESTS=${DEMO_REQUESTS:-2000}
 CANDIDATES=${DEMO_CANDIDATES:-50}
@@ -28,7 +28,7 @@ HISTORY=${DEMO_HISTORY:-128}
 ITEMS=${DEMO_ITEMS:-20000}
 SEED=${DEMO_SEED:-0}
 CONFIG=${DEMO_CONFIG:-configs/eval_demo.yaml}
-SEEDS=${DEMO_SEEDS:-[0]}
+SEEDS=${DEMO_SEEDS:-null}  # null: the experiment config's seeds
 LOGS=$REQDEDUP_HOME/demo-logs
 mkdir -p "$LOGS"
 N=${#DATES[@]}

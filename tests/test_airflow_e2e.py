@@ -22,9 +22,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "request_dedup_pipeline"
 USER, PASSWORD = "admin", "reqdedup-test"
-E2E_DATE = "2026-01-03"
-E2E_CONF = {"date": E2E_DATE, "users": 30, "requests": 60, "candidates": 8, "history": 12, "items": 400,
-            "seeds": [0]}
+TINY = {"users": 30, "requests": 60, "candidates": 8, "history": 12, "items": 400}
+E2E_TRAIN_DAY, E2E_DATE = "2026-03-01", "2026-03-02"
+# A tiny experiment matrix (2 configs x 1 seed, tiny model) for the pipeline's
+# `experiment_config` param; the run sets its dates, seeds and tolerance.
+TINY_MATRIX = """
+name: tiny_pipeline
+data: {train_start: "2026-01-01", train_end: "2026-01-01", eval_start: "2026-01-02", eval_end: "2026-01-02", batch_rows: 100}
+model: {items: 400, seq_len: 12, d_model: 16, n_layers: 1, n_heads: 2, ff_dim: 32, emb_dim: 8,
+        user_mlp: [16], item_mlp: [16], head_mlp: [16, 8]}
+train: {epochs: 2, lr: 0.003}
+dist: {nproc_per_node: 2, device: cpu}
+seeds: [0]
+configs: [iid, sorted_fixed]
+eval: {k: 10, batch_requests: 64}
+gate: {tolerance: 0.005, metrics: [auc, recall]}
+"""
 
 
 def free_port() -> int:
@@ -51,6 +64,8 @@ class Standalone:
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__PARALLELISM": "2",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            # Only the runs the tests trigger: no scheduled runs of the daily DAGs.
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USER}:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.home / "passwords.json"),
             "AIRFLOW__API__HOST": "127.0.0.1",
@@ -58,6 +73,9 @@ class Standalone:
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
             "AIRFLOW__API__WORKERS": "1",
+            # Task processes call the execution API; on a busy 2-core machine its default
+            # 5 s timeout fails tasks before they start.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
         }
@@ -66,7 +84,7 @@ class Standalone:
         self.proc: subprocess.Popen | None = None
         self.token: str | None = None
 
-    def start(self, timeout: float = 300) -> None:
+    def start(self, timeout: float = 600) -> None:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "airflow"), "standalone"],
                                      env=self.env, cwd=self.home, stdout=log, stderr=subprocess.STDOUT,
@@ -164,22 +182,45 @@ _RUNS: dict[str, str] = {}
 def shared_standalone(request) -> Standalone:
     """One server per test session, whichever module asks first; stopped at session end."""
     if "server" not in _SERVER:
+        if "failed" in _SERVER:
+            pytest.fail(f"airflow standalone did not start (see the first error): {_SERVER['failed']}")
         reqdedup_env = {k: v for k, v in os.environ.items() if k.startswith("REQDEDUP_")}
         server = Standalone(reqdedup_env)
         request.session.config.add_cleanup(server.stop)
-        _SERVER["server"] = server
         t0 = time.monotonic()
-        server.start()
+        try:
+            server.start()
+        except Exception as e:
+            server.stop()
+            _SERVER["failed"] = str(e)[:200]
+            raise
         server.started_in = time.monotonic() - t0
+        _SERVER["server"] = server
     return _SERVER["server"]
+
+
+def prepare_training_day(server: Standalone) -> None:
+    """The day before the run's date, landed and published to main (the pipeline trains on
+    it). Through the CLI in subprocesses: no Spark JVM stays in the test process."""
+    cli = [sys.executable, "-m", "reqdedup.cli"]
+    scale = [f"--{k}={v}" for k, v in TINY.items()]
+    for cmd in ([*cli, "generate", "--date", E2E_TRAIN_DAY, *scale, "--seed", "5"],
+                [*cli, "ingest", "--date", E2E_TRAIN_DAY, "--publish"]):
+        out = subprocess.run(cmd, env=server.env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 def successful_run(server: Standalone) -> str:
     """Trigger the pipeline once per session with tiny params and wait for its success."""
     if "run_id" in _RUNS:
         return _RUNS["run_id"]
+    prepare_training_day(server)
+    matrix = server.home / "eval_tiny_pipeline.yaml"
+    matrix.write_text(TINY_MATRIX)
     server.wait_for_dag(DAG_ID)
-    r = server.trigger(DAG_ID, E2E_CONF)
+    conf = {"date": E2E_DATE, **TINY, "data_seed": 5, "train_days": 1, "seeds": [0],
+            "experiment_config": str(matrix), "gate_tolerance": 0.5}
+    r = server.trigger(DAG_ID, conf)
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
     run = server.wait_for_run(DAG_ID, run_id, timeout=1500)
@@ -201,13 +242,15 @@ def standalone(request, test_home):
 def test_trigger_with_params_through_rest_api_v2(standalone):
     t0 = time.monotonic()
     run_id = successful_run(standalone)
+    seconds = time.monotonic() - t0
     states = standalone.task_states(DAG_ID, run_id)
     assert all(s in ("success", "skipped") for s in states.values()), states
     run = standalone.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}").json()
     assert run["conf"]["date"] == E2E_DATE and run["conf"]["users"] == 30
     # The run worked on the date from its params, and the check task says so in its log.
     assert E2E_DATE in standalone.task_log(DAG_ID, run_id, "check_params")
-    print(f"standalone healthy in {standalone.started_in:.0f} s; run {run_id} took {time.monotonic() - t0:.0f} s")
+    assert states["register"] == "success" and states["train_and_evaluate"] == "success", states
+    print(f"standalone healthy in {standalone.started_in:.0f} s; prepare + run {run_id}: {seconds:.0f} s")
 
 
 @pytest.mark.slow

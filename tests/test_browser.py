@@ -158,7 +158,7 @@ def test_ui_login_successful_run_and_report_page(request, browser, settings):
     b.type_into("input[type=password]", PASSWORD)
     b.wait_for("!document.querySelector('button[type=submit]').disabled", what="the enabled Sign in button")
     b.js("document.querySelector('button[type=submit]').click()")
-    b.wait_for("!location.pathname.startsWith('/auth/') && document.body.innerText.includes('Dags')",
+    b.wait_for("!location.pathname.startsWith('/auth/') && /dags/i.test(document.body.innerText)",
                what="the home page after login")
 
     # 2. The pipeline's run, successful.

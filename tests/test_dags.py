@@ -30,6 +30,13 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 
 TINY = {"users": 30, "requests": 60, "candidates": 8, "history": 12, "items": 400}
+@pytest.fixture(scope="module")
+def tiny_matrix(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("configs") / "eval_dag_test.yaml"
+    from test_airflow_e2e import TINY_MATRIX
+
+    path.write_text(TINY_MATRIX)
+    return str(path)
 
 PARSE_PROBE = r"""
 import json, sys
@@ -177,7 +184,7 @@ def _run(dag, date: str, conf: dict):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_end_to_end_under_dag_test(dagbag, airflow_db, settings, capfd):
+def test_pipeline_runs_end_to_end_under_dag_test(dagbag, airflow_db, settings, tiny_matrix, capfd):
     """Day 1 lands, is ingested and published directly; the DAG then runs every stage for
     day 2 (train on day 1, evaluate on day 2) at a tiny scale."""
     from reqdedup.data.generator import GeneratorConfig, write_landing
@@ -188,7 +195,7 @@ def test_pipeline_runs_end_to_end_under_dag_test(dagbag, airflow_db, settings, c
     ingest_date(train_day, publish=True)
 
     dag = dagbag.dags["request_dedup_pipeline"]
-    conf = {**TINY, "data_seed": 3, "seeds": [0], "experiment_config": "configs/eval_tiny.yaml",
+    conf = {**TINY, "data_seed": 3, "seeds": [0], "experiment_config": tiny_matrix,
             "train_days": 1, "gate_tolerance": 0.5}
     dagrun, states, seconds = _run(dag, eval_day, conf)
     out = capfd.readouterr()
@@ -207,9 +214,9 @@ def test_pipeline_runs_end_to_end_under_dag_test(dagbag, airflow_db, settings, c
 
 
 @pytest.mark.slow
-def test_failed_data_quality_stops_the_run_before_training(dagbag, airflow_db, settings, capfd):
+def test_failed_data_quality_stops_the_run_before_training(dagbag, airflow_db, settings, tiny_matrix, capfd):
     """Landed logs that pass the landing checks but break an expectation (labels not 0/1):
-    data_quality fails without retries, naming the expectation; nothing downstream runs,
+    data_quality fails without retries, its log naming the expectation; nothing downstream runs,
     and the date never reaches main."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -226,7 +233,7 @@ def test_failed_data_quality_stops_the_run_before_training(dagbag, airflow_db, s
         pq.write_table(t.set_column(i, t.schema.field(i), labels), f)
 
     dag = dagbag.dags["request_dedup_pipeline"]
-    conf = {**TINY, "landing": "existing", "experiment_config": "configs/eval_tiny.yaml", "storage_report": False}
+    conf = {**TINY, "landing": "existing", "experiment_config": tiny_matrix, "storage_report": False}
     dagrun, states, seconds = _run(dag, bad_day, conf)
     out = capfd.readouterr()
     logs = out.out + out.err
@@ -235,9 +242,52 @@ def test_failed_data_quality_stops_the_run_before_training(dagbag, airflow_db, s
     assert states["data_quality"] == "failed", states
     for downstream in ("feature_columns", "train_and_evaluate", "register", "storage_report"):
         assert states[downstream] == "upstream_failed", states
-    assert "label_binary" in logs, logs[-6000:]
-    assert "ValidationFailed" in logs
+    assert "label_binary" in logs and "quarantined" in logs, logs[-6000:]
     from reqdedup.lake.catalog import load_table
 
     rows = load_table("impressions", settings).scan(row_filter=f"event_date = '{bad_day}'").to_arrow()
     assert rows.num_rows == 0  # quarantined on its staging branch
+
+
+# ---- the report page plugin ------------------------------------------------------------------
+def _plugin():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reqdedup_reports", REPO / "plugins" / "reqdedup_reports.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_page_renders_the_reports(tmp_path, monkeypatch):
+    plugin = _plugin()
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "report.md").write_text(
+        "# Evaluation\n\n| config | auc |\n| --- | --- |\n| iid | 0.71 |\n| sorted_fixed | 0.72 |\n")
+    (tmp_path / "storage_bench.json").write_text(json.dumps(
+        {"rows": 1000, "table_ratio": 12.5, "user_columns_ratio": 40.1,
+         "per_column": {"history": {"iid": 100, "sorted": 2, "ratio": 50.0}}}))
+    (tmp_path / "storage_bench.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 64)
+    page = plugin.render_page(tmp_path)
+    assert "<td>sorted_fixed</td><td>0.72</td>" in page
+    assert "12.5x</b> smaller" in page and "<img src='files/storage_bench.png'" in page
+    assert "<th>history</th>" not in page and "<td>history</td>" in page  # dict of dicts -> table rows
+    assert page.index("Evaluation") < page.index("Storage: IID")
+
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setattr(plugin, "reports_dir", lambda: tmp_path)
+    app = plugin.ReqdedupReportsPlugin.fastapi_apps[0]["app"]
+    from airflow.api_fastapi.core_api.security import get_user
+
+    app.dependency_overrides[get_user] = lambda: None
+    client = TestClient(app)
+    assert "latest reports" in client.get("/").text
+    assert client.get("/files/storage_bench.png").content.startswith(b"\x89PNG")
+    assert client.get("/files/../../../etc/passwd").status_code == 404
+    assert client.get("/files/%2e%2e/%2e%2e/etc/passwd").status_code == 404
+    assert plugin.ReqdedupReportsPlugin.external_views[0]["url_route"] == "reqdedup-report"
+
+
+def test_report_page_without_reports(tmp_path):
+    assert "No reports yet" in _plugin().render_page(tmp_path / "missing")

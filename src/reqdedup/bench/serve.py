@@ -15,7 +15,8 @@ For every candidates-per-request count (default 100, 500, 1,000) it measures
 - single-request latency: batches of 1 request, p50/p99 per call;
 - throughput: requests per second at a batch of several requests (request level: each batch
   size of `--batch-requests`, the best one reported; per candidate: enough requests for
-  about `--pc-batch-sequences` user-tower sequences per call);
+  about `--pc-batch-sequences` user-tower sequences per call, at most the largest
+  request-level batch);
 medians over `--repeats` repeats. The per-candidate baseline at 1,000 candidates and a 1,024
 history runs 1,000 full transformer encodings per request, so its number of calls per repeat
 is bounded by a time budget (`--pc-budget-s`, at least `--pc-min-calls`) and it runs at most
@@ -229,7 +230,8 @@ def run_serve_bench(
     for c in candidates:
         t_c = time.perf_counter()
         requests = make_requests(cfg, pool_size, c, history_min, seed + c)
-        pc_batch = max(1, round(pc_batch_sequences / c))
+        # about pc_batch_sequences user-tower runs per call, never more requests than request level gets
+        pc_batch = max(1, min(round(pc_batch_sequences / c), max(batch_requests)))
         agreement = _agreement(scorer, requests[:2])
         common = dict(warmup=warmup)
         single_rl = time_calls(scorer, requests, "request_level", 1, calls=single_calls, repeats=repeats, **common)
@@ -295,6 +297,7 @@ def run_serve_bench(
         "benchmark": "serve_request_level_vs_per_candidate",
         "device": _device_name(dev),
         "device_type": dev.type,
+        "torch_threads": torch.get_num_threads(),
         "dtype": scorer.effective_precision,
         "seq_len": seq_len,
         "history_len": {"min": history_min, "max": seq_len},

@@ -84,7 +84,7 @@ def markdown_table(summary: dict) -> str:
         for m in names:
             st = ms[m]
             cell = f"{_fmt(st['mean'], m)} ± {_fmt(st['std'], m)}"
-            if c != BASELINE and m != "unique_users_per_batch" and m != "requests_per_batch":
+            if c != BASELINE and m not in ("unique_users_per_batch", "requests_per_batch", "false_negative_rate"):
                 cell += f" ({_fmt_rel(st['rel_to_iid'])})"
             cells.append(cell)
         lines.append(f"| {c} | " + " | ".join(cells) + " |")

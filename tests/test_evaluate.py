@@ -152,7 +152,7 @@ def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys):
     mv = client.get_model_version(name, v1)
     assert mv.tags["reqdedup.evaluation_id"] == summary["evaluation_id"]
     assert mv.tags["reqdedup.eval_set_id"] == summary["eval_set_id"]
-    assert client.get_model_version_by_alias(name, "champion").version == v1
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
     # the registered model serves request-level input
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert model.metadata.signature is not None
@@ -176,7 +176,7 @@ def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys):
     assert reg_run.data.tags["reqdedup.gate"] == "refused" and "not within" in reg_run.data.tags["reqdedup.gate.reason"]
     gate_txt = Path(client.download_artifacts(reg_run.info.run_id, "gate.txt", str(tmp_path)))
     assert "NOT promoted" in gate_txt.read_text()
-    assert client.get_model_version_by_alias(name, "champion").version == v1
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
 
     # a failed evaluation never registers: its summary says failed and register refuses
     versions = len(client.search_model_versions(f"name = '{name}'"))
@@ -186,4 +186,4 @@ def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys):
     with pytest.raises(InputError, match="never registers"):
         register(settings, tolerance=0.99)
     assert len(client.search_model_versions(f"name = '{name}'")) == versions
-    assert client.get_model_version_by_alias(name, "champion").version == v1
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1

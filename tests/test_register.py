@@ -88,5 +88,5 @@ def test_same_evaluation_twice_is_a_noop(settings, tmp_path):
     client.create_registered_model(s.registered_model)
     mv = client.create_model_version(s.registered_model, source=str(tmp_path), tags={TAG_EVALUATION: "ev-test123"})
     out = register(s, summary_path=_summary(tmp_path))
-    assert out["status"] == "already_registered" and out["version"] == mv.version
+    assert out["status"] == "already_registered" and out["version"] == str(mv.version)
     assert len(client.search_model_versions(f"name = '{s.registered_model}'")) == 1

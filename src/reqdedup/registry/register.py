@@ -83,7 +83,7 @@ def _champion(client, name: str) -> dict | None:
         metrics = json.loads(mv.tags.get(TAG_METRICS, "{}"))
     except ValueError:
         metrics = {}
-    return {"version": mv.version, "eval_set_id": mv.tags.get(TAG_EVAL_SET), "metrics": metrics,
+    return {"version": str(mv.version), "eval_set_id": mv.tags.get(TAG_EVAL_SET), "metrics": metrics,
             "evaluation_id": mv.tags.get(TAG_EVALUATION)}
 
 
@@ -135,8 +135,8 @@ def register(settings: Settings | None = None, *, summary_path: str | Path | Non
     existing = _existing_version(client, name, eid)
     if existing is not None:
         champ = _champion(client, name)
-        return {"status": "already_registered", "registered_model": name, "version": existing.version,
-                "evaluation_id": eid, "aliases": _aliases(client, name, existing.version),
+        return {"status": "already_registered", "registered_model": name, "version": str(existing.version),
+                "evaluation_id": eid, "aliases": _aliases(client, name, str(existing.version)),
                 "champion_version": champ["version"] if champ else None,
                 "message": f"evaluation {eid} is already registered as version {existing.version}: nothing done"}
 

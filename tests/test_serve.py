@@ -103,6 +103,26 @@ def test_batching_requests_equals_scoring_them_one_by_one():
     _assert_same(one_forward, list(reversed(order)))
 
 
+def test_scoring_never_takes_the_native_transformer_fast_path(monkeypatch):
+    """Eval must run the attention code training runs: the native fast path's CUDA masked
+    softmax reads out of bounds past 2^31 scores (an illegal memory access on the H200)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch._transformer_encoder_layer_fwd (MHA fast path) was called")
+
+    model = _model()
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", refuse)
+    reqs = _requests()
+    with pytest.raises(AssertionError, match="fast path"):  # the plain eval model does take it
+        with torch.inference_mode():
+            model.eval()(collate([check_request(r, i, TINY.items) for i, r in enumerate(reqs)], TINY.seq_len))
+    scorer = RequestScorer(model, "cpu")
+    for mode in MODES:
+        assert len(scorer.score(reqs, mode=mode)) == len(reqs)
+    RequestScorer(model, "cpu")  # a second scorer on the same model adds no second hook
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.TransformerEncoderLayer)]
+    assert layers and all(len(m._forward_pre_hooks) == 1 for m in layers)
+
+
 def test_chunks_respect_request_and_row_limits():
     s = RequestScorer(_model(), "cpu", max_batch_requests=3, max_batch_rows=10)
     checked = s.check(_requests(8))

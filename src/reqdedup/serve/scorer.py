@@ -322,6 +322,7 @@ class RequestScorer:
             raise ValueError("max_batch_requests and max_batch_rows must be >= 1")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        _disable_mha_fastpath(self.model)
         self.cfg: ModelConfig = model.cfg
         self.precision = precision
         self.autocast = self.device.type == "cuda" and precision == "bf16"
@@ -385,6 +386,27 @@ class RequestScorer:
             for p, s in zip(both[0].split(counts), both[1].split(counts)):
                 results.append(RequestScores(p, s))
         return results
+
+
+def _no_op_pre_hook(module, args):
+    return None
+
+
+def _disable_mha_fastpath(model: torch.nn.Module) -> None:
+    """Keep eval on the attention code that training runs (SDPA), off the native fast path.
+
+    In eval mode `nn.TransformerEncoderLayer` switches to `torch._transformer_encoder_layer_fwd`,
+    whose CUDA masked softmax indexes with 32 bits: once sequences x heads x T x T passes 2^31
+    it reads out of bounds. Seen on the H200: the per-candidate mode on 600 sequences x 4 heads
+    x 969^2 padded positions died with "CUDA error: an illegal memory access" (and a CUDA error
+    poisons the whole process, so a server would stop serving). A forward pre-hook on a layer
+    rules the fast path out for that layer alone (one of its documented conditions), with no
+    process-wide flag (`torch.backends.mha.set_fastpath_enabled`) to race on.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.TransformerEncoderLayer) and not getattr(module, "_reqdedup_no_fastpath", False):
+            module.register_forward_pre_hook(_no_op_pre_hook)
+            module._reqdedup_no_fastpath = True
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> RecModel:

@@ -101,6 +101,8 @@ def time_calls(scorer: RequestScorer, pool: list[Request], mode: str, batch: int
         return reqs
 
     try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         warm_times = []
         for _ in range(max(1, warmup)):
             t0 = time.perf_counter()

@@ -48,7 +48,33 @@ def aggregate(results: list[dict], configs: list[str]) -> dict:
     for c, ms in out["configs"].items():
         for m, st in ms.items():
             st["rel_to_iid"] = M.relative_change(st["mean"], base.get(m, {}).get("mean", float("nan")))
+            # paired by seed: the same seed gives the same model init in every config, so the
+            # per-seed change against iid removes the init's share of the spread
+            b = base.get(m, {})
+            if b and b.get("seeds") == st["seeds"]:
+                st["paired_rel_to_iid"] = M.seed_summary(
+                    [M.relative_change(v, bv) for v, bv in zip(st["values"], b["values"])])
     return out
+
+
+PAIRED_METRICS = ("auc", "log_loss", "recall@", "ndcg@")
+
+
+def paired_table(summary: dict) -> str:
+    """Per-seed relative change against iid (same seed), mean ± std over seeds."""
+    agg = summary["aggregate"]
+    names = [m for m in agg["metrics"] if m.startswith(PAIRED_METRICS)]
+    lines = ["| config | " + " | ".join(f"Δ {LABELS.get(m, m)} vs iid" for m in names) + " |",
+             "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    for c, ms in agg["configs"].items():
+        if c == BASELINE:
+            continue
+        cells = []
+        for m in names:
+            p = ms[m].get("paired_rel_to_iid")
+            cells.append("n/a" if not p or p["n"] == 0 else f"{100 * p['mean']:+.2f}% ± {100 * p['std']:.2f}%")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(x: float, metric: str) -> str:
@@ -116,6 +142,12 @@ def markdown_report(summary: dict) -> str:
         f"training mean; rows/s = training throughput of the 2-process run.",
         "",
         markdown_table(summary),
+        "",
+        "Paired by seed (each seed's relative change against `iid` with the same seed, then mean ± std "
+        "over seeds; the seed fixes the model init in every config, so this removes the init's share "
+        "of the spread):",
+        "",
+        paired_table(summary),
         "",
     ]
     if summary.get("timing"):

@@ -225,13 +225,14 @@ def request_dedup_pipeline():
         p = context["params"]
         if not p["storage_report"]:
             raise AirflowSkipException("storage_report param is off")
-        with fail_fast_on_input_error():
-            from reqdedup.bench.storage import run_storage_bench
-            from reqdedup.config import get_settings
+        from reqdedup.config import get_settings
 
-            json_path = get_settings().reports_dir / "storage_bench.json"
-            result = run_storage_bench(requests=p["requests"], candidates=p["candidates"], history=p["history"],
-                                       users=p["users"], seed=p["data_seed"], json_path=json_path)
+        settings = get_settings()
+        json_path = settings.reports_dir / "storage_bench.json"
+        # A subprocess with its own Spark session: three ingests into a benchmark namespace.
+        cmd = [*reqdedup_cli(), "bench", "storage", "--requests", p["requests"], "--candidates", p["candidates"],
+               "--history", p["history"], "--users", p["users"], "--seed", p["data_seed"], "--json", json_path]
+        result = last_json(run_streaming(cmd, env=settings.as_env()))
         context["outlet_events"][STORAGE_REPORT].extra = {"json": str(json_path)}
         keys = ("rows", "bytes_iid", "bytes_sorted", "table_ratio", "user_columns_ratio", "item_columns_ratio")
         summary = {k: result.get(k) for k in keys} | {"json": str(json_path), "plot": result.get("plot")}

@@ -158,6 +158,7 @@ def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys):
     assert model.metadata.signature is not None
 
     # the same evaluation again: no second version
+    capsys.readouterr()
     assert cli_main(["register"]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "already_registered"
     assert len(client.search_model_versions(f"name = '{name}'")) == 1

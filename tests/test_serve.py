@@ -307,3 +307,33 @@ def test_pyfunc_bad_input_is_an_invalid_parameter_error(pyfunc_model):
     expect(_frame(_bad(lambda r: setattr(r, "item_category", [1] * (len(r.item_id) + 1)))),
            "the candidate lists must have the same length")
     expect(_frame(_bad(lambda r: setattr(r, "user_segment", "a"))), "user_segment must be an integer")
+
+
+def test_serve_command_runs_mlflow_models_serve_on_localhost(settings):
+    import sys
+    from pathlib import Path
+
+    from reqdedup.serve.pyfunc import serve_command
+
+    argv, env = serve_command("models:/reqdedup@champion", port=5123, settings=settings)
+    assert argv[1:] == ["models", "serve", "-m", "models:/reqdedup@champion", "--env-manager", "local",
+                        "--host", "127.0.0.1", "--port", "5123", "--workers", "1"]
+    assert env["MLFLOW_TRACKING_URI"] == settings.mlflow_tracking_uri
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)  # uvicorn from this venv
+
+
+def test_request_schema_and_example_agree():
+    from mlflow.types.schema import AnyType, Array
+
+    from reqdedup.serve.pyfunc import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, example_requests, request_schema
+
+    inputs, outputs = request_schema()
+    assert set(inputs.input_names()) == set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    assert inputs.required_input_names() == [c for c in inputs.input_names() if c != "request_id"]
+    types = dict(zip(inputs.input_names(), inputs.input_types()))
+    assert isinstance(types["user_segment"], AnyType) and isinstance(types["candidate_item_dense"], Array)
+    assert outputs.input_names() == ["request_id", "scores", "retrieval_scores"]
+    scorer = RequestScorer(_model(), "cpu")
+    examples = example_requests(items=TINY.items)
+    assert len(examples) == 2 and all(r["candidate_item_id"] for r in examples)
+    assert len(scorer.score(examples)) == 2

@@ -3,7 +3,10 @@
 ``reqdedup features backfill NAME --buckets 1,3`` (or ``--users 17,42``, mapped to buckets
 with Iceberg's own bucket transform) recomputes the feature for the affected
 ``(event_date, bucket)`` partitions and replaces exactly those partitions in one atomic
-overwrite commit whose filter is ``event_date in range AND bucket(N, user_id) IN (...)``.
+dynamic-overwrite commit (``overwritePartitions`` of a DataFrame holding only rows with
+``event_date`` in range and ``reqdedup.system.bucket(N, user_id) IN (...)``; Spark 3.5 cannot
+push the bucket function into an ``overwrite(condition)``). A chosen partition that the
+recompute leaves empty would keep its old files: the summary lists such ``stale_partitions``.
 Files of every other bucket stay as they are (same paths in the new snapshot): the
 backfill rewrites ~k/N of the table instead of all of it.
 """
@@ -82,9 +85,12 @@ def backfill_feature(name: str, start, end=None, *, buckets: Sequence[int] | Non
     started = time.perf_counter()
     imp = impressions_df(spark, settings, s, e, feature.window_days)
     values = (feature.compute(spark, imp, s, e).select(*feature.keys, *feature.value_names)
-              .where(in_buckets))
-    # One atomic commit: delete the chosen (date, bucket) partitions, add their new files.
-    values.writeTo(side).overwrite(_between("event_date", s, e) & in_buckets)
+              .where(in_buckets & _between("event_date", s, e)))
+    # One atomic commit replacing exactly the (date, bucket) partitions present in `values`
+    # (dynamic partition overwrite). Spark 3.5 cannot translate the bucket function into an
+    # overwrite filter ("cannot translate expression to source filter"), so the DataFrame,
+    # already restricted to the chosen buckets and dates, scopes the overwrite.
+    values.writeTo(side).overwritePartitions()
     seconds = time.perf_counter() - started
     side_table = load_table(feature_table(name), settings)
     after = _files(side_table)
@@ -97,6 +103,8 @@ def backfill_feature(name: str, start, end=None, *, buckets: Sequence[int] | Non
     def affected(part):
         return part[bucket_pos] in chosen and part[date_pos] in days
 
+    new_parts = {part for part, _ in added.values()}
+    stale = sorted({part for part, _ in before.values() if affected(part) and part not in new_parts})
     untouched_outside = all(p in after for p, (part, _) in before.items() if not affected(part))
     total_bytes = sum(b for _, b in before.values())
     summary = side_table.current_snapshot().summary
@@ -118,6 +126,7 @@ def backfill_feature(name: str, start, end=None, *, buckets: Sequence[int] | Non
         "bytes_added": sum(b for _, b in added.values()),
         "rewritten_vs_table": round(sum(b for _, b in removed.values()) / total_bytes, 4) if total_bytes else None,
         "other_buckets_untouched": untouched_outside,
+        "stale_partitions": [list(p) for p in stale],
         "rewritten_files_outside_buckets": sorted(p for p, (part, _) in removed.items() if not affected(part)),
         "seconds": round(seconds, 3),
     }

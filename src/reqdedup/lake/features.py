@@ -183,6 +183,12 @@ def impressions_df(spark, settings: Settings, start: dt.date, end: dt.date, wind
     return imp.where(_between("event_date", start - dt.timedelta(days=window_days), end))
 
 
+def partition_layout(table) -> list[tuple[str, str]]:
+    """(source column, transform) of each partition field: comparable across tables."""
+    schema = table.schema()
+    return [(schema.find_column_name(f.source_id), str(f.transform)) for f in table.spec().fields]
+
+
 def table_bytes(table, row_filter=None) -> tuple[int, int]:
     """(data files, bytes) of a pyiceberg table's current snapshot, optionally filtered."""
     if table.current_snapshot() is None:
@@ -293,8 +299,9 @@ def read_request_batches_with_features(
     sides = []
     for f in specs:
         table = load_table(feature_table(f.name), settings)
-        if str(table.spec()) != str(imp.spec()):
-            raise InputError(f"{table.name()} is not partitioned like {imp.name()}: {table.spec()} vs {imp.spec()}")
+        if partition_layout(table) != partition_layout(imp):
+            raise InputError(f"{table.name()} is not partitioned like {imp.name()}: "
+                             f"{partition_layout(table)} vs {partition_layout(imp)}")
         side_scan, side_parts = plan_partitions(table, s, e, buckets, [*f.keys, *f.value_names])
         reader = ArrowScan(table.metadata, table.io, side_scan.projection(), side_scan.row_filter,
                            side_scan.case_sensitive)

@@ -215,7 +215,9 @@ def validate_date(date: str, settings: Settings | None = None, *, table: str = I
     import great_expectations as gx
 
     ctx = _context(docs_dir)
-    sources = {"spark": ctx.data_sources.add_spark("spark"), "pandas": ctx.data_sources.add_pandas("pandas")}
+    # persist=False: the batches are checkpointed already, and no cached plan may outlive the run.
+    sources = {"spark": ctx.data_sources.add_spark("spark", persist=False),
+               "pandas": ctx.data_sources.add_pandas("pandas")}
     expectations = []
     tag = f"{table}_{date}"
     try:

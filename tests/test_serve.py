@@ -337,3 +337,23 @@ def test_request_schema_and_example_agree():
     examples = example_requests(items=TINY.items)
     assert len(examples) == 2 and all(r["candidate_item_id"] for r in examples)
     assert len(scorer.score(examples)) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp32_per_candidate_past_2_31_attention_scores_matches_request_level():
+    """The H200 crash case: fp32 eval, 600 padded 1,024-token sequences in one forward
+    (> 2^31 attention scores), which torch's native MHA fast path mishandled."""
+    cfg = ModelConfig(items=100_000, seq_len=1024, d_model=256, n_layers=2, n_heads=4, ff_dim=1024, emb_dim=64)
+    torch.manual_seed(0)
+    model = RecModel(cfg)
+    g = torch.Generator().manual_seed(3)
+    reqs = [Request(history=torch.randint(0, cfg.items, (h,), generator=g).tolist(),
+                    user_dense=torch.randn(8, generator=g).tolist(), user_segment=1, user_country=2,
+                    item_id=torch.randint(0, cfg.items, (300,), generator=g).tolist(),
+                    item_category=torch.randint(0, 64, (300,), generator=g).tolist(),
+                    item_dense=torch.randn(300, 4, generator=g).tolist())
+            for h in (1024, 700)]
+    scorer = RequestScorer(model, "cuda", precision="fp32", max_batch_rows=1_000_000)
+    per_candidate = scorer.score(reqs, mode="per_candidate")
+    torch.cuda.synchronize()
+    _assert_same(scorer.score(reqs), per_candidate, atol=1e-3)

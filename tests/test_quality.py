@@ -8,6 +8,7 @@ on a branch must be caught); it is validated once and each expectation has its o
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 import pyarrow as pa
@@ -114,8 +115,16 @@ def bad(settings, spark):
     reversed_part = table.filter(in_b)
     reversed_part = reversed_part.take(pa.array(range(reversed_part.num_rows - 1, -1, -1)))
     table = pa.concat_tables([table.filter(pc.invert(in_b)), reversed_part])
-    ice = load_table(BAD_TABLE, settings)
-    ice.overwrite(table, overwrite_filter=f"event_date = '{BAD_DAY}'", branch=branch)
+    # Written with Spark in exactly this row order (no writer sort, fanout per partition):
+    # pyiceberg cannot commit while the test session's Spark JVM holds the SQLite catalog.
+    from pyspark.sql import functions as F
+
+    spark.sql(f"ALTER TABLE {full} WRITE UNORDERED")
+    spark.sql(f"ALTER TABLE {full} SET TBLPROPERTIES ('write.distribution-mode'='none', "
+              "'write.spark.fanout.enabled'='true')")
+    df = spark.createDataFrame(table.to_pylist(), schema=spark.table(full).schema).coalesce(1)
+    (df.writeTo(f"{full}.branch_{branch}").option("check-nullability", "false")
+     .overwrite(F.col("event_date") == F.lit(dt.date.fromisoformat(BAD_DAY))))
     ice = load_table(BAD_TABLE, settings)
     unsorted_files = []
     for task in ice.scan(row_filter=f"event_date = '{BAD_DAY}'", snapshot_id=ice.refs()[branch].snapshot_id).plan_files():

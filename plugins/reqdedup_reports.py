@@ -186,6 +186,9 @@ img{max-width:100%;border:1px solid #d0d5dd;margin:.3rem 0}
 
 def render_page(root: Path) -> str:
     files = list_reports(root)
+    # Within a section: tables and plots first, then the JSON behind them (newest first each).
+    rank = {".md": 0, ".png": 1, ".svg": 1, ".json": 2, ".html": 3}
+    files = sorted(files, key=lambda p: rank.get(p.suffix, 4))
     sections: dict[str, list[str]] = {}
     for p in files:
         rel = p.relative_to(root)

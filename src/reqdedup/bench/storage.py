@@ -55,7 +55,7 @@ def write_shuffled_landing(src_folder: Path, dst_folder: Path, seed: int) -> Non
     import numpy as np
     import pyarrow.parquet as pq
 
-    from reqdedup.data.generator import replace_dir_atomically, temp_dir_for
+    from reqdedup.fsutil import replace_dir_atomically, temp_dir_for
 
     table = pq.read_table(src_folder)
     order = np.random.default_rng(seed).permutation(table.num_rows)

@@ -28,11 +28,9 @@ k-th request of a user's day sees ``history_drift * k`` newer items appended (ol
 from __future__ import annotations
 
 import datetime as dt
-import os
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reqdedup.errors import InputError
+from reqdedup.fsutil import replace_dir_atomically, temp_dir_for
 from reqdedup.schema import IMPRESSIONS_SCHEMA, ITEM_DENSE_DIM, USER_DENSE_DIM
 
 N_CATEGORIES = 64
@@ -527,24 +526,6 @@ def generate_table(cfg: GeneratorConfig) -> pa.Table:
 # ---------------------------------------------------------------------------------------
 # Landing
 # ---------------------------------------------------------------------------------------
-def replace_dir_atomically(tmp: Path, target: Path) -> None:
-    """Move a finished temp folder into place, replacing ``target`` (rename, then delete old)."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def temp_dir_for(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
 def landing_root(out_dir) -> Path:
     if out_dir is None:
         from reqdedup.config import get_settings

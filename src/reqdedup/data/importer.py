@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reqdedup.errors import InputError
-from reqdedup.data.generator import (EPOCH, REQUEST_ID_STRIDE, landing_root, replace_dir_atomically,
-                                     temp_dir_for)
+from reqdedup.data.generator import EPOCH, REQUEST_ID_STRIDE, landing_root
+from reqdedup.fsutil import replace_dir_atomically, temp_dir_for
 from reqdedup.schema import IMPRESSIONS_SCHEMA, ITEM_DENSE_DIM, USER_DENSE_DIM
 
 REQUIRED = ("user_id", "item_id", "timestamp")

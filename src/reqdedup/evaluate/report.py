@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 from reqdedup.evaluate import metrics as M
+from reqdedup.fsutil import replace_dir_atomically, temp_dir_for
 
 SUMMARY = "summary.json"
 TABLE = "report.md"
@@ -219,36 +218,18 @@ def plot_fnr(summary: dict, path: Path) -> Path:
     return path
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _tmp_dir(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
-
-
 def write_report(summary: dict, out_dir: str | Path) -> list[Path]:
     """Write report.md, plots/*.png and summary.json into a fresh folder and swap it in
     (a rerun replaces the previous report whole). Returns the final paths."""
     out_dir = Path(out_dir)
-    tmp = _tmp_dir(out_dir)
+    tmp = temp_dir_for(out_dir)
     try:
         (tmp / "plots").mkdir()
         plot_metrics(summary, tmp / "plots" / PLOT_METRICS)
         plot_fnr(summary, tmp / "plots" / PLOT_FNR)
         (tmp / TABLE).write_text(markdown_report(summary))
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
-        _swap_in(tmp, out_dir)
+        replace_dir_atomically(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -259,11 +240,11 @@ def write_failed(summary: dict, out_dir: str | Path) -> Path:
     """A failed evaluation replaces the report with its summary (status failed) and a note,
     so nothing downstream mistakes an older report for this evaluation's."""
     out_dir = Path(out_dir)
-    tmp = _tmp_dir(out_dir)
+    tmp = temp_dir_for(out_dir)
     (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
     (tmp / TABLE).write_text(f"# Evaluation `{summary['name']}` ({summary['evaluation_id']}) FAILED\n\n"
                              f"{summary.get('error', '')}\n\nNothing from it can be registered.\n")
-    _swap_in(tmp, out_dir)
+    replace_dir_atomically(tmp, out_dir)
     return out_dir / SUMMARY
 
 

@@ -53,3 +53,16 @@ def test_landing_source_reads_sorted_whole_requests(tmp_path, monkeypatch):
     assert keys == sorted(keys)
     with pytest.raises(InputError, match="bucket subsets"):
         list(read_request_batches("2026-06-01", buckets=[0], settings=settings))
+
+
+def test_catalog_db_is_in_wal_mode(tmp_path, monkeypatch):
+    """WAL: a Spark JVM's open read transaction must not block other processes' commits."""
+    import sqlite3
+
+    from reqdedup.config import get_settings
+    from reqdedup.lake.catalog import get_catalog
+
+    monkeypatch.setenv("REQDEDUP_CATALOG_DB", str(tmp_path / "catalog.db"))
+    monkeypatch.setenv("REQDEDUP_WAREHOUSE_DIR", str(tmp_path / "warehouse"))
+    get_catalog(get_settings()).create_namespace_if_not_exists("x")
+    assert sqlite3.connect(tmp_path / "catalog.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"

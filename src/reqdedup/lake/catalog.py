@@ -6,11 +6,30 @@ from reqdedup.config import Settings, get_settings
 from reqdedup.errors import InputError
 
 
+def ensure_catalog_db(settings: Settings) -> None:
+    """Create the catalog's SQLite file in WAL mode (persistent in the file).
+
+    A Spark JVM keeps a read transaction open on the catalog for as long as it lives; in
+    SQLite's default rollback-journal mode that blocks every commit from another process or
+    connection (SQLITE_BUSY). In WAL mode readers never block the writer.
+    """
+    import sqlite3
+
+    settings.catalog_db.parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(settings.catalog_db, timeout=30)
+    try:
+        if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()
+
+
 def get_catalog(settings: Settings | None = None):
     from pyiceberg.catalog.sql import SqlCatalog
 
     settings = settings or get_settings()
     settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
+    ensure_catalog_db(settings)
     return SqlCatalog(settings.catalog_name, uri=settings.catalog_uri, warehouse=settings.warehouse_uri)
 
 

@@ -27,6 +27,8 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         f"spark.sql.catalog.{cat}.warehouse": settings.warehouse_uri,
         # V1 adds the view column; pyiceberg's SqlCatalog reads the same table.
         f"spark.sql.catalog.{cat}.jdbc.schema-version": "V1",
+        # Wait for a competing commit instead of failing at once (SQLite driver property).
+        f"spark.sql.catalog.{cat}.jdbc.busy_timeout": "30000",
         "spark.sql.defaultCatalog": cat,
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
@@ -53,7 +55,9 @@ def get_spark(settings: Settings | None = None, app_name: str = "reqdedup"):
             f"Spark jars missing: {', '.join(missing)}. Run scripts/setup.sh (or set REQDEDUP_JARS_DIR)."
         )
     settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
-    settings.catalog_db.parent.mkdir(parents=True, exist_ok=True)
+    from reqdedup.lake.catalog import ensure_catalog_db
+
+    ensure_catalog_db(settings)
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession

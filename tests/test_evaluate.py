@@ -90,7 +90,7 @@ def test_empty_eval_split_and_unreachable_store(settings, lake, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys):
+def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
@@ -137,13 +137,12 @@ def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys):
     assert len(client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 4
 
-    try:
-        from reqdedup.serve.pyfunc import log_request_model  # noqa: F401
-    except ImportError:
-        pytest.skip("reqdedup.serve.pyfunc.log_request_model not available yet")
     from reqdedup.registry.register import register
 
-    name = settings.registered_model
+    # A model name of its own: other tests of the session (the Airflow ones) register too.
+    name = "reqdedup_gate_test"
+    monkeypatch.setenv("REQDEDUP_REGISTERED_MODEL", name)
+    settings = dataclasses.replace(settings, registered_model=name)
     # promote path: a huge tolerance, no champion yet
     first = register(settings, tolerance=0.99)
     assert first["status"] == "registered" and first["promoted"], first

@@ -27,6 +27,9 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         f"spark.sql.catalog.{cat}.warehouse": settings.warehouse_uri,
         # V1 adds the view column; pyiceberg's SqlCatalog reads the same table.
         f"spark.sql.catalog.{cat}.jdbc.schema-version": "V1",
+        # Several processes commit to this catalog (Airflow tasks, CLI subprocesses): no
+        # per-session table cache, or a session keeps reading a snapshot another published over.
+        f"spark.sql.catalog.{cat}.cache-enabled": "false",
         # Wait for a competing commit instead of failing at once (SQLite driver property).
         f"spark.sql.catalog.{cat}.jdbc.busy_timeout": "30000",
         "spark.sql.defaultCatalog": cat,

@@ -170,10 +170,11 @@ def request_dedup_pipeline():
     @task
     def sorting_ingest(run: dict, landed: dict) -> dict:
         """Spark: sort the date by (user_id, request_id) into a staging branch of impressions."""
-        with fail_fast_on_input_error():
-            from reqdedup.lake.ingest import ingest_date
+        from reqdedup.config import get_settings
 
-            result = ingest_date(run["date"])
+        # A subprocess: its Spark JVM (and its hold on the SQLite catalog) ends with the task.
+        result = last_json(run_streaming([*reqdedup_cli(), "ingest", "--date", run["date"]],
+                                         env=get_settings().as_env()))
         log.info("ingest: %s", result)
         return result
 
@@ -204,15 +205,18 @@ def request_dedup_pipeline():
         context = get_current_context()
         results = []
         with fail_fast_on_input_error():
-            from reqdedup.lake.features import add_feature, get_feature
+            from reqdedup.config import get_settings
+            from reqdedup.lake.features import get_feature
 
             names = context["params"]["features"]
             for name in names:
                 get_feature(name)  # an unknown name fails before any work
-            for name in names:
-                result = add_feature(name, run["date"], run["date"])
-                log.info("feature %s: %s", name, result)
-                results.append(result)
+        for name in names:
+            # A subprocess each: no Spark JVM outlives the command (see sorting_ingest).
+            result = last_json(run_streaming([*reqdedup_cli(), "features", "add", name, "--date", run["date"]],
+                                             env=get_settings().as_env()))
+            log.info("feature %s: %s", name, result)
+            results.append(result)
         context["outlet_events"][FEATURES].extra = {"date": run["date"], "features": names}
         return results
 

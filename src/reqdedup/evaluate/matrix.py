@@ -133,15 +133,9 @@ def _mapping(raw, key: str, source: str, known: set[str]) -> dict:
     return dict(raw)
 
 
-def _date(value, key: str, source: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(str(value))
-    except ValueError:
-        raise InputError(f"{source}: {key} = {value!r} is not a date YYYY-MM-DD") from None
-
-
 def parse_matrix(raw: dict, source: str = "config") -> MatrixConfig:
     """Strictly check a matrix config mapping; InputError names the offending key."""
+    from reqdedup.train.config import _date
     if not isinstance(raw, dict):
         raise InputError(f"{source}: an evaluation config must be a mapping")
     unknown = sorted(set(raw) - _TOP)

@@ -187,3 +187,43 @@ def test_matrix_evaluate_register_gate(settings, lake, tmp_path, capsys, monkeyp
         register(settings, tolerance=0.99)
     assert len(client.search_model_versions(f"name = '{name}'")) == versions
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+
+
+@pytest.mark.slow
+def test_matrix_without_mlflow_on_landing_data(tmp_path):
+    """What the GPU host runs: torch, numpy and pyarrow, no mlflow package, no catalog.
+
+    `reqdedup evaluate --set mlflow.enabled=false` with REQDEDUP_READ_SOURCE=landing, in a
+    process where importing mlflow fails, still trains and evaluates the matrix and writes
+    the report; `register` refuses such an evaluation."""
+    import os
+    import subprocess
+    import sys
+
+    from reqdedup.config import get_settings
+    from reqdedup.data.generator import GeneratorConfig, write_landing
+    from reqdedup.evaluate.report import SUMMARY, TABLE
+    from reqdedup.registry.register import register
+
+    home = tmp_path / "home"
+    blocker = tmp_path / "block" / "mlflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('mlflow is blocked in this test')\n")
+    env = {**os.environ, "REQDEDUP_HOME": str(home), "REQDEDUP_READ_SOURCE": "landing",
+           "PYTHONPATH": os.pathsep.join([str(blocker.parent), str(REPO / "src")]), "OMP_NUM_THREADS": "1"}
+    for key in [k for k in env if k.startswith("REQDEDUP_") and k.endswith(("_DIR", "_DB", "_URI"))]:
+        env.pop(key)  # everything under the fresh home
+    for day in DATES:
+        write_landing(GeneratorConfig(date=day, **DATA), out_dir=home / "landing")
+    proc = subprocess.run([sys.executable, "-m", "reqdedup.cli", "evaluate", "--config", str(TINY),
+                           "--set", "mlflow.enabled=false"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MLflow off" in proc.stdout
+    report = home / "reports" / "evaluation"
+    summary = json.loads((report / SUMMARY).read_text())
+    assert summary["status"] == "succeeded" and summary["parent_run_id"] is None and len(summary["runs"]) == 4
+    assert all(r["mlflow_run_id"] is None for r in summary["runs"])
+    assert "| sorted_fixed |" in (report / TABLE).read_text()
+    assert not (home / "mlflow.db").exists()
+    with pytest.raises(InputError, match="mlflow.enabled false"):
+        register(get_settings(), summary_path=report / SUMMARY, tolerance=0.99)

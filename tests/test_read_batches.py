@@ -51,6 +51,11 @@ def test_landing_source_reads_sorted_whole_requests(tmp_path, monkeypatch):
     assert got.num_rows == generate_table(cfg).num_rows
     keys = list(zip(got.column("user_id").to_pylist(), got.column("request_id").to_pylist()))
     assert keys == sorted(keys)
+    # a projection without user_id is still sorted by it (the evaluation's fingerprint reads so)
+    projected = pa.Table.from_batches(list(read_request_batches(
+        "2026-06-01", columns=["item_id", "label"], batch_rows=30, settings=settings)))
+    assert projected.column_names == ["request_id", "item_id", "label"]
+    assert projected.column("request_id").to_pylist() == got.column("request_id").to_pylist()
     with pytest.raises(InputError, match="bucket subsets"):
         list(read_request_batches("2026-06-01", buckets=[0], settings=settings))
 

@@ -13,7 +13,7 @@ raises InputError naming it)::
     configs: [iid, sorted_naive, sorted_syncbn, sorted_masked, sorted_fixed]
     eval:   {k: 50, max_requests: null, batch_requests: 256}
     gate:   {tolerance: 0.005, metrics: [auc, recall]}
-    mlflow: {experiment: null}
+    mlflow: {experiment: null, enabled: true}
     reuse_checkpoints: true
 
 The five configs differ ONLY in data order, user encoding and the two fixes (``CONFIGS``);
@@ -24,7 +24,10 @@ train and eval data, so a rerun of the same evaluation finds its own runs. With
 ``reuse_checkpoints`` (default) a run whose final model.pt exists is not retrained (CPU
 training is deterministic for a seed, so retraining would give the same weights); a run
 killed mid-way resumes from its last epoch checkpoint; ``--retrain`` wipes them first.
-A rerun reuses the same MLflow parent run and replaces the report.
+A rerun reuses the same MLflow parent run and replaces the report. With
+``mlflow.enabled: false`` nothing is logged to MLflow (for a GPU host without the tracking
+store or the mlflow package): the report and summary are written as usual, and `register`
+refuses such an evaluation.
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ class MatrixConfig:
     mlflow_experiment: str | None = None
     reuse_checkpoints: bool = True
     source: str = "config"
+    mlflow_enabled: bool = True
 
     def gate_metrics(self) -> list[str]:
         return [resolve_metric(m, self.eval.k) for m in self.gate.metrics]
@@ -109,7 +113,8 @@ class MatrixConfig:
         return {"name": self.name, "data": dataclasses.asdict(self.data), "model": self.model, "train": self.train,
                 "dist": self.dist, "seeds": self.seeds, "configs": self.configs,
                 "eval": dataclasses.asdict(self.eval), "gate": dataclasses.asdict(self.gate),
-                "mlflow": {"experiment": self.mlflow_experiment}, "reuse_checkpoints": self.reuse_checkpoints}
+                "mlflow": {"experiment": self.mlflow_experiment, "enabled": self.mlflow_enabled},
+                "reuse_checkpoints": self.reuse_checkpoints}
 
 
 def resolve_metric(name: str, k: int) -> str:
@@ -200,7 +205,9 @@ def parse_matrix(raw: dict, source: str = "config") -> MatrixConfig:
     check_tolerance(gate.tolerance, f"{source}: gate.tolerance")
     if not isinstance(gate.metrics, list) or not gate.metrics or any(m not in GATE_METRICS for m in gate.metrics):
         raise InputError(f"{source}: gate.metrics must be a non-empty list of {', '.join(GATE_METRICS)}, got {gate.metrics!r}")
-    ml = _mapping(raw.get("mlflow"), "mlflow", source, {"experiment"})
+    ml = _mapping(raw.get("mlflow"), "mlflow", source, {"experiment", "enabled"})
+    if not isinstance(ml.get("enabled", True), bool):
+        raise InputError(f"{source}: mlflow.enabled must be true or false, got {ml['enabled']!r}")
     reuse = raw.get("reuse_checkpoints", True)
     if not isinstance(reuse, bool):
         raise InputError(f"{source}: reuse_checkpoints must be true or false, got {reuse!r}")
@@ -208,7 +215,8 @@ def parse_matrix(raw: dict, source: str = "config") -> MatrixConfig:
     if not name or "/" in name:
         raise InputError(f"{source}: name must be a non-empty string without '/', got {name!r}")
     cfg = MatrixConfig(name=name, data=data, model=model, train=train, dist=dist, seeds=list(seeds), configs=list(configs),
-                       eval=ev, gate=gate, mlflow_experiment=ml.get("experiment"), reuse_checkpoints=reuse, source=source)
+                       eval=ev, gate=gate, mlflow_experiment=ml.get("experiment"), reuse_checkpoints=reuse, source=source,
+                       mlflow_enabled=ml.get("enabled", True))
     # Every run's TrainConfig is built (and so checked) now, before anything starts.
     for c in cfg.configs:
         train_config(cfg, c, cfg.seeds[0], run_dir="/unused")
@@ -245,7 +253,7 @@ def train_config(cfg: MatrixConfig, config: str, seed: int, run_dir: str | Path,
                   "mask_same_user": spec["mask_same_user"], "mask_same_item": True},
         "dist": dict(cfg.dist),
         "output": {"run_dir": str(run_dir)},
-        "mlflow": {"enabled": True, "experiment": cfg.mlflow_experiment, "parent_run_id": parent_run_id,
+        "mlflow": {"enabled": cfg.mlflow_enabled, "experiment": cfg.mlflow_experiment, "parent_run_id": parent_run_id,
                    "tags": {"reqdedup.stage": "evaluation_run", "reqdedup.config": config, "reqdedup.seed": str(seed),
                             **({"reqdedup.evaluation_id": evaluation_id} if evaluation_id else {})}},
     }
@@ -376,18 +384,20 @@ def run_evaluation(config: str | Path | MatrixConfig, settings: Settings | None 
     t0 = time.perf_counter()
 
     # Check what can be checked before anything starts: the MLflow store, then both splits.
-    exp_id = init_tracking(settings, cfg.mlflow_experiment)
+    exp_id = init_tracking(settings, cfg.mlflow_experiment) if cfg.mlflow_enabled else None
     train_fp = data_fingerprint(cfg.data.train_start, cfg.data.train_end, cfg.data.buckets, settings, "training")
     eval_fp = data_fingerprint(cfg.data.eval_start, cfg.data.eval_end, cfg.data.buckets, settings, "evaluation")
     eval_id = evaluation_id(cfg, train_fp, eval_fp)
     eval_set_id = "es-" + eval_fp["id"] + f"-k{cfg.eval.k}" + (f"-n{cfg.eval.max_requests}" if cfg.eval.max_requests else "")
 
-    from mlflow import MlflowClient
+    client = parent_id = None
+    if cfg.mlflow_enabled:
+        from mlflow import MlflowClient
 
-    client = MlflowClient(settings.mlflow_tracking_uri)
-    parent_tags = {"reqdedup.stage": "evaluation", "reqdedup.evaluation_id": eval_id,
-                   "reqdedup.eval_set_id": eval_set_id, "reqdedup.evaluation_name": cfg.name}
-    parent_id = _parent_run(client, exp_id, cfg, eval_id, parent_tags)
+        client = MlflowClient(settings.mlflow_tracking_uri)
+        parent_tags = {"reqdedup.stage": "evaluation", "reqdedup.evaluation_id": eval_id,
+                       "reqdedup.eval_set_id": eval_set_id, "reqdedup.evaluation_name": cfg.name}
+        parent_id = _parent_run(client, exp_id, cfg, eval_id, parent_tags)
     base = settings.checkpoints_dir / "evaluation" / eval_id
     runs = []
     for c in cfg.configs:
@@ -405,21 +415,23 @@ def run_evaluation(config: str | Path | MatrixConfig, settings: Settings | None 
     base.mkdir(parents=True, exist_ok=True)
     plan_path = base / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=2))
-    client.log_dict(parent_id, cfg.to_dict(), "evaluation_config.json")
-    for k, v in {"evaluation_id": eval_id, "eval_set_id": eval_set_id, "configs": ",".join(cfg.configs),
-                 "seeds": ",".join(map(str, cfg.seeds)), "train_rows": train_fp["rows"], "eval_rows": eval_fp["rows"],
-                 "eval_requests": eval_fp["requests"], "batch_rows": cfg.data.batch_rows,
-                 "epochs": cfg.train.get("epochs", "default"), "k": cfg.eval.k}.items():
-        try:
-            client.log_param(parent_id, k, v)
-        except Exception:  # a rerun logs the same params again; MLflow refuses a changed value
-            pass
+    if client is not None:
+        client.log_dict(parent_id, cfg.to_dict(), "evaluation_config.json")
+        for k, v in {"evaluation_id": eval_id, "eval_set_id": eval_set_id, "configs": ",".join(cfg.configs),
+                     "seeds": ",".join(map(str, cfg.seeds)), "train_rows": train_fp["rows"], "eval_rows": eval_fp["rows"],
+                     "eval_requests": eval_fp["requests"], "batch_rows": cfg.data.batch_rows,
+                     "epochs": cfg.train.get("epochs", "default"), "k": cfg.eval.k}.items():
+            try:
+                client.log_param(parent_id, k, v)
+            except Exception:  # a rerun logs the same params again; MLflow refuses a changed value
+                pass
 
     nproc = int(cfg.dist.get("nproc_per_node", 2))
     env = {**os.environ, **settings.as_env(), **(extra_env or {})}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print(f"[evaluate] {cfg.name}: {len(runs)} runs ({len(cfg.configs)} configs x {len(cfg.seeds)} seeds), "
-          f"evaluation {eval_id}, MLflow parent run {parent_id}", flush=True)
+          f"evaluation {eval_id}, " + (f"MLflow parent run {parent_id}" if client else "MLflow off (report files only)"),
+          flush=True)
     t_launch = time.perf_counter()
     proc = subprocess.run(torchrun_command(plan_path, nproc), env=env)
     launch_seconds = time.perf_counter() - t_launch
@@ -439,9 +451,10 @@ def run_evaluation(config: str | Path | MatrixConfig, settings: Settings | None 
               (f"; runs without results: {', '.join(missing)}" if missing else "")
         summary = {**base_summary, "status": "failed", "error": why.strip("; "), "runs": results}
         report_mod.write_failed(summary, out_dir)
-        client.set_tag(parent_id, "reqdedup.status", "failed")
-        client.set_tag(parent_id, "reqdedup.error", summary["error"][:5000])
-        client.set_terminated(parent_id, status="FAILED")
+        if client is not None:
+            client.set_tag(parent_id, "reqdedup.status", "failed")
+            client.set_tag(parent_id, "reqdedup.error", summary["error"][:5000])
+            client.set_terminated(parent_id, status="FAILED")
         raise RuntimeError(f"evaluation {cfg.name} ({eval_id}) failed: {summary['error']} (the log is above); "
                            f"nothing can be registered from it")
     summary = {**base_summary, "status": "succeeded", "runs": results, "pool_items": results[0].get("pool_items"),
@@ -450,16 +463,16 @@ def run_evaluation(config: str | Path | MatrixConfig, settings: Settings | None 
                "timing": {"torchrun_seconds": round(launch_seconds, 1),
                           "total_seconds": round(time.perf_counter() - t0, 1)}}
     paths = report_mod.write_report(summary, out_dir)
-    for p in paths:
-        client.log_artifact(parent_id, str(p), artifact_path="report" if p.suffix != ".png" else "report/plots")
-    agg = summary["aggregate"]
-    for c, metrics in agg["configs"].items():
-        for m, st in metrics.items():
-            if st.get("mean") is not None and st["mean"] == st["mean"]:
-                client.log_metric(parent_id, f"{c}.{m.replace('@', '_at_')}.mean", st["mean"])
-    client.set_tag(parent_id, "reqdedup.status", "succeeded")
-    client.set_tag(parent_id, "reqdedup.report_dir", str(out_dir))
-    client.set_terminated(parent_id, status="FINISHED")
+    if client is not None:
+        for p in paths:
+            client.log_artifact(parent_id, str(p), artifact_path="report" if p.suffix != ".png" else "report/plots")
+        for c, metrics in summary["aggregate"]["configs"].items():
+            for m, st in metrics.items():
+                if st.get("mean") is not None and st["mean"] == st["mean"]:
+                    client.log_metric(parent_id, f"{c}.{m.replace('@', '_at_')}.mean", st["mean"])
+        client.set_tag(parent_id, "reqdedup.status", "succeeded")
+        client.set_tag(parent_id, "reqdedup.report_dir", str(out_dir))
+        client.set_terminated(parent_id, status="FINISHED")
     print(f"[evaluate] {cfg.name}: done in {summary['timing']['total_seconds']} s; report {out_dir / report_mod.TABLE}",
           flush=True)
     return summary

@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = cfgs[0].dist.backend
         dist.init_process_group(backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo"))
     install_loader_cache()
-    client = None
-    if rank == 0:
+    client = None  # MLflow client on rank 0, unless the evaluation runs with mlflow.enabled false
+    if rank == 0 and plan.get("parent_run_id"):
         from mlflow import MlflowClient
 
         from reqdedup.registry.tracking import init_tracking
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for run, cfg in zip(plan["runs"], cfgs):
         run_dir = Path(run["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_id = ensure_nested_run(client, plan, run, cfg) if rank == 0 else None
+        run_id = ensure_nested_run(client, plan, run, cfg) if client is not None else None
         if world > 1:
             dist.barrier()
         if fail_config and fail_config == run["config"]:
@@ -310,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, run_dir / EVAL_JSON)
             logged = {k.replace("@", "_at_"): v for k, v in result["metrics"].items()
                       if isinstance(v, (int, float)) and v == v}
-            from mlflow.entities import Metric
+            if client is not None:
+                from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(f"eval.{k}", float(v), now, 0) for k, v in logged.items()])
-            client.set_tag(run_id, "reqdedup.eval_set_id", plan["eval_set_id"])
-            client.set_terminated(run_id, status="FINISHED")
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(f"eval.{k}", float(v), now, 0) for k, v in logged.items()])
+                client.set_tag(run_id, "reqdedup.eval_set_id", plan["eval_set_id"])
+                client.set_terminated(run_id, status="FINISHED")
             m, k = result["metrics"], spec["k"]
             print(f"[evaluate] {run['config']} seed {run['seed']}: auc {m['auc']:.4f} logloss {m['log_loss']:.4f} "
                   f"recall@{k} {m['recall@%d' % k]:.4f} fnr {m['false_negative_rate']:.3f} "

@@ -116,8 +116,12 @@ def _landing_stream(start, end, buckets, columns, settings: Settings) -> Iterato
         folder = settings.landing_path(day.isoformat())
         files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
         if files:
-            rows = pq.read_table(files, columns=list(columns) if columns else None)
-            yield from rows.sort_by([("user_id", "ascending"), ("request_id", "ascending")]).to_batches()
+            # The sort keys are read even when the projection leaves them out, then dropped.
+            wanted = list(columns) if columns else None
+            read = None if wanted is None else list(dict.fromkeys([*wanted, "user_id", "request_id"]))
+            rows = pq.read_table(files, columns=read)
+            rows = rows.sort_by([("user_id", "ascending"), ("request_id", "ascending")])
+            yield from (rows if wanted is None else rows.select(wanted)).to_batches()
         day += dt.timedelta(days=1)
 
 

@@ -44,6 +44,9 @@ def _check_summary(summary: dict, where: str) -> None:
         raise InputError(f"evaluation {eid} in {where} has status {status!r}"
                          f"{': ' + summary['error'] if summary.get('error') else ''}; "
                          f"a failed evaluation never registers or promotes anything")
+    if not summary.get("parent_run_id"):
+        raise InputError(f"evaluation {eid} in {where} ran with mlflow.enabled false: it has no MLflow runs to "
+                         f"register from; rerun `reqdedup evaluate` with MLflow on")
     runs = summary.get("runs") or []
     configs = {r.get("config") for r in runs}
     for need in (BASELINE, CANDIDATE):

@@ -238,3 +238,40 @@ def test_storage_benchmark_writes_json_and_plot(settings, spark, tmp_path):
     assert saved["user_columns_ratio_same_properties"] > 1.0
     assert (settings.reports_dir / "storage_bench.png").stat().st_size > 0
     assert result["plot"].endswith("storage_bench.png")
+
+
+_SHARED_CATALOG_SCRIPT = r"""
+import pyarrow as pa
+from reqdedup.config import get_settings
+from reqdedup.lake.catalog import get_catalog
+from reqdedup.lake.spark import get_spark
+
+settings = get_settings()
+get_catalog(settings).create_namespace_if_not_exists(settings.namespace)  # tables exist before the JVM
+spark = get_spark(settings, app_name="shared-catalog-test")
+name = settings.spark_table("shared_t")
+spark.sql(f"CREATE TABLE {name} (a int) USING iceberg")
+spark.sql(f"INSERT INTO {name} VALUES (1)")
+for value in (2, 3):
+    # another writer commits (pyiceberg, as the publish and backfill steps do) ...
+    get_catalog(settings).load_table(settings.table("shared_t")).append(pa.table({"a": pa.array([10 * value], pa.int32())}))
+    # ... and the long-lived Spark session must see it and still commit after it
+    spark.sql(f"INSERT INTO {name} VALUES ({value})")
+rows = sorted(r.a for r in spark.sql(f"SELECT a FROM {name}").collect())
+assert rows == [1, 2, 3, 20, 30], rows
+print("SHARED-CATALOG-OK")
+"""
+
+
+@pytest.mark.slow
+def test_long_lived_spark_session_and_pyiceberg_share_the_sqlite_catalog(tmp_path):
+    """A Spark JVM started on an existing SQLite catalog neither reads a stale catalog nor
+    fails its commits (SQLITE_BUSY_SNAPSHOT) after another writer committed (a fresh JVM:
+    the session fixture's may have opened its catalog earlier)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REQDEDUP_") or k == "REQDEDUP_JARS_DIR"}
+    env["REQDEDUP_HOME"] = str(tmp_path / "home")
+    proc = subprocess.run([sys.executable, "-c", _SHARED_CATALOG_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "SHARED-CATALOG-OK" in proc.stdout, proc.stderr[-4000:]

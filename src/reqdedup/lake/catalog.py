@@ -9,9 +9,10 @@ from reqdedup.errors import InputError
 def ensure_catalog_db(settings: Settings) -> None:
     """Create the catalog's SQLite file in WAL mode (persistent in the file).
 
-    A Spark JVM keeps a read transaction open on the catalog for as long as it lives; in
-    SQLite's default rollback-journal mode that blocks every commit from another process or
-    connection (SQLITE_BUSY). In WAL mode readers never block the writer.
+    Several processes read and commit to this catalog (Airflow tasks, CLI subprocesses,
+    Spark JVMs); in WAL mode a reader never blocks the writer, where SQLite's default
+    rollback journal fails commits with SQLITE_BUSY while any reader is open. (Spark's own
+    catalog-table check would pin a read transaction for the JVM's life: see spark_conf.)
     """
     import sqlite3
 

@@ -30,6 +30,11 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         # Several processes commit to this catalog (Airflow tasks, CLI subprocesses): no
         # per-session table cache, or a session keeps reading a snapshot another published over.
         f"spark.sql.catalog.{cat}.cache-enabled": "false",
+        # Iceberg's catalog-table check (JDBC getTables) leaves its ResultSet open: on SQLite
+        # that pins a read transaction for the JVM's life, so the session reads a stale catalog
+        # and its commits fail with SQLITE_BUSY_SNAPSHOT once another process has committed.
+        # pyiceberg's SqlCatalog creates the tables before Spark starts (get_spark).
+        f"spark.sql.catalog.{cat}.jdbc.init-catalog-tables": "false",
         # Wait for a competing commit instead of failing at once (SQLite driver property).
         f"spark.sql.catalog.{cat}.jdbc.busy_timeout": "30000",
         "spark.sql.defaultCatalog": cat,
@@ -58,9 +63,9 @@ def get_spark(settings: Settings | None = None, app_name: str = "reqdedup"):
             f"Spark jars missing: {', '.join(missing)}. Run scripts/setup.sh (or set REQDEDUP_JARS_DIR)."
         )
     settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
-    from reqdedup.lake.catalog import ensure_catalog_db
+    from reqdedup.lake.catalog import get_catalog
 
-    ensure_catalog_db(settings)
+    get_catalog(settings)  # WAL mode and the catalog tables, before the JVM's catalog opens
     os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pyspark.sql import SparkSession

@@ -30,7 +30,7 @@ def _raw():
 
 # ---- config checks (fast) ----------------------------------------------------------------
 def test_shipped_configs_parse():
-    for name in ("eval_tiny.yaml", "eval_demo.yaml", "eval_matrix.yaml"):
+    for name in ("eval_tiny.yaml", "eval_demo.yaml", "eval_matrix.yaml", "eval_gpu.yaml"):
         cfg = load_matrix(REPO / "configs" / name)
         assert cfg.configs[0] == "iid" and cfg.seeds
     full = load_matrix(REPO / "configs" / "eval_matrix.yaml")

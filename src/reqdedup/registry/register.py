@@ -44,7 +44,7 @@ def _check_summary(summary: dict, where: str) -> None:
         raise InputError(f"evaluation {eid} in {where} has status {status!r}"
                          f"{': ' + summary['error'] if summary.get('error') else ''}; "
                          f"a failed evaluation never registers or promotes anything")
-    if not summary.get("parent_run_id"):
+    if (summary.get("config") or {}).get("mlflow", {}).get("enabled", True) is False:
         raise InputError(f"evaluation {eid} in {where} ran with mlflow.enabled false: it has no MLflow runs to "
                          f"register from; rerun `reqdedup evaluate` with MLflow on")
     runs = summary.get("runs") or []

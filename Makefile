@@ -10,7 +10,7 @@ demo: setup
 
 # The whole test suite, slow end-to-end tests included (what CI runs).
 test: setup
-	.venv/bin/python -m pytest -q --timeout 3000
+	.venv/bin/python -m pytest -q --timeout 3000 --durations=15
 
 # Quick loop while developing: skips Spark/Airflow/torchrun end-to-end tests.
 test-fast: setup

@@ -122,11 +122,17 @@ try:
     versions = sorted(c.search_model_versions(f"name = '{s.registered_model}'"), key=lambda v: int(v.version))
     if versions:
         latest = versions[-1]
-        aliases = {a: c.get_model_version_by_alias(s.registered_model, a).version
-                   for a in ("challenger", "champion")
-                   if any(a in v.aliases for v in versions)}
+        aliases = {}
+        for a in ("challenger", "champion"):  # search results carry no aliases: ask for each
+            try:
+                aliases[a] = c.get_model_version_by_alias(s.registered_model, a).version
+            except Exception:  # no such alias yet
+                pass
         print(f"\nRegistered model {s.registered_model!r}: latest version {latest.version}; "
               + ", ".join(f"@{a} -> v{v}" for a, v in aliases.items()))
+        reason = latest.tags.get("reqdedup.gate.reason")
+        if "champion" not in aliases and reason:
+            print(f"  no champion: the gate refused v{latest.version}: {reason}")
         print(f"  load it: mlflow.pyfunc.load_model('models:/{s.registered_model}@challenger')")
     else:
         print(f"\nRegistered model {s.registered_model!r}: no version yet")

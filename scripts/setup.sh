@@ -3,7 +3,7 @@
 #  1. .venv with the pinned packages from requirements.lock (uv, cached under ~/.cache/uv,
 #     so the multi-GB CUDA torch wheel that PyPI serves on Linux is downloaded once);
 #  2. the project itself, editable;
-#  3. the JVM jars Spark needs (Iceberg runtime, SQLite JDBC) from Maven Central at pinned
+#  3. the JVM jars Spark needs (Iceberg runtime, SQLite and Postgres JDBC drivers) from Maven Central at pinned
 #     versions, fetched once into $REQDEDUP_JARS_DIR (default $REQDEDUP_HOME/jars).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -122,12 +122,26 @@ def test_reqdedup_settings_names_match_the_code(compose):
                 field = key.removeprefix("REQDEDUP_").lower()
                 assert field in fields, f"{name}: {key} is not a setting of reqdedup.config.Settings"
                 seen.add(field)
-    # The deployment sets every location and service address explicitly.
-    assert fields <= seen, f"settings not set in compose: {sorted(fields - seen)}"
+    # The deployment sets every location and service address explicitly: in the compose
+    # file, or (the catalog's URIs, which hold a password) in the env file.
+    example = (REPO / ".env.example").read_text()
+    from_env_file = {m.lower() for m in re.findall(r"^REQDEDUP_(\w+)=", example, re.M)}
+    unused = {"catalog_db"}  # the SQLite catalog file: the catalog is in Postgres here
+    assert fields <= seen | from_env_file | unused, f"settings not set: {sorted(fields - seen - from_env_file - unused)}"
+    assert not seen & from_env_file, "a setting in both the compose file and .env"
+    uri = re.search(r"^REQDEDUP_CATALOG_SERVER_URI=(.*)$", example, re.M).group(1)
+    jdbc = re.search(r"^REQDEDUP_CATALOG_SERVER_JDBC_URI=(.*)$", example, re.M).group(1)
+    assert uri.startswith("postgresql+psycopg2://") and uri.endswith("@postgres:5432/iceberg"), uri
+    assert jdbc.startswith("jdbc:postgresql://postgres:5432/iceberg?"), jdbc
+    assert "CREATE DATABASE iceberg;" in compose["configs"]["postgres-init"]["content"]
     env = env_of(compose["services"]["airflow-scheduler"])
     assert env["REQDEDUP_SPARK_MASTER"] == "spark://spark-master:7077"
     assert env["REQDEDUP_MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert env["REQDEDUP_WAREHOUSE_DIR"].startswith("/warehouse/")
+    # Tasks (and so Spark drivers) run in the scheduler container: executors connect back to it.
+    assert env["REQDEDUP_SPARK_DRIVER_HOST"] == "airflow-scheduler"
+    assert env["REQDEDUP_SPARK_DRIVER_BIND_ADDRESS"] == "0.0.0.0"
+    assert env_of(compose["services"]["airflow-apiserver"])["REQDEDUP_SPARK_DRIVER_HOST"] == "127.0.0.1"
 
 
 def test_execution_api_points_at_the_api_server(compose):

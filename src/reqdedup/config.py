@@ -20,6 +20,7 @@ ICEBERG_VERSION = "1.10.1"
 SPARK_JARS = (
     f"org.apache.iceberg:iceberg-spark-runtime-3.5_2.12:{ICEBERG_VERSION}",
     "org.xerial:sqlite-jdbc:3.50.3.0",
+    "org.postgresql:postgresql:42.7.14",  # a catalog on Postgres (catalog_server_jdbc_uri)
 )
 
 
@@ -38,6 +39,8 @@ class Settings:
     jars_dir: Path
     spark_master: str
     spark_driver_memory: str
+    spark_driver_host: str  # the address executors reach the driver at
+    spark_driver_bind_address: str  # where the driver listens (127.0.0.1 unless a cluster needs more)
     spark_shuffle_partitions: int
     buckets: int
     read_source: str  # "iceberg" (the table's main branch) or "landing" (raw Parquet, sorted in memory)
@@ -48,18 +51,38 @@ class Settings:
     airflow_home: Path
     reports_dir: Path
     checkpoints_dir: Path
+    # A Postgres catalog instead of catalog_db (see catalog_on_server); not in repr: credentials.
+    catalog_server_uri: str = field(default="", repr=False)
+    catalog_server_jdbc_uri: str = field(default="", repr=False)
     extra: dict = field(default_factory=dict)
 
     # ---- derived names -------------------------------------------------------------
     @property
+    def catalog_on_server(self) -> bool:
+        """The catalog lives in a database server (Postgres), not in the SQLite file."""
+        if bool(self.catalog_server_uri) != bool(self.catalog_server_jdbc_uri):
+            from reqdedup.errors import InputError
+
+            raise InputError("set both REQDEDUP_CATALOG_SERVER_URI (SQLAlchemy, for pyiceberg) and "
+                             "REQDEDUP_CATALOG_SERVER_JDBC_URI (JDBC, for Spark) to the same database, or neither")
+        return bool(self.catalog_server_uri)
+
+    @property
     def catalog_uri(self) -> str:
         """SQLAlchemy URI of the catalog database, for pyiceberg's SqlCatalog."""
-        return f"sqlite:///{self.catalog_db}"
+        return self.catalog_server_uri if self.catalog_on_server else f"sqlite:///{self.catalog_db}"
 
     @property
     def catalog_jdbc_uri(self) -> str:
         """JDBC URI of the same catalog database, for Spark's Iceberg JDBC catalog."""
-        return f"jdbc:sqlite:{self.catalog_db}"
+        return self.catalog_server_jdbc_uri if self.catalog_on_server else f"jdbc:sqlite:{self.catalog_db}"
+
+    @property
+    def catalog_location(self) -> str:
+        """Where the catalog is, for messages (never the server URI: it holds the password)."""
+        if self.catalog_on_server:
+            return "the catalog database of REQDEDUP_CATALOG_SERVER_URI"
+        return str(self.catalog_db)
 
     @property
     def warehouse_uri(self) -> str:
@@ -112,11 +135,17 @@ def get_settings() -> Settings:
         landing_dir=path("landing_dir", home / "landing"),
         warehouse_dir=path("warehouse_dir", home / "warehouse"),
         catalog_db=path("catalog_db", home / "catalog.db"),
+        # Empty: the SQLite file above. Set both (they hold credentials: environment or a
+        # git-ignored env file, never code) to keep the catalog in Postgres instead.
+        catalog_server_uri=_env("catalog_server_uri", ""),
+        catalog_server_jdbc_uri=_env("catalog_server_jdbc_uri", ""),
         catalog_name=_env("catalog_name", "reqdedup"),
         namespace=_env("namespace", "lake"),
         jars_dir=path("jars_dir", home / "jars"),
         spark_master=_env("spark_master", "local[2]"),
         spark_driver_memory=_env("spark_driver_memory", "4g"),
+        spark_driver_host=_env("spark_driver_host", "127.0.0.1"),
+        spark_driver_bind_address=_env("spark_driver_bind_address", "127.0.0.1"),
         spark_shuffle_partitions=int(_env("spark_shuffle_partitions", "8")),
         buckets=int(_env("buckets", "8")),
         read_source=_env("read_source", "iceberg"),

@@ -16,6 +16,8 @@ def ensure_catalog_db(settings: Settings) -> None:
     """
     import sqlite3
 
+    if settings.catalog_on_server:
+        return
     settings.catalog_db.parent.mkdir(parents=True, exist_ok=True)
     con = sqlite3.connect(settings.catalog_db, timeout=30)
     try:
@@ -43,5 +45,5 @@ def load_table(name: str, settings: Settings | None = None):
         return get_catalog(settings).load_table(settings.table(name))
     except NoSuchTableError:
         raise InputError(
-            f"table {settings.table(name)} does not exist in catalog {settings.catalog_db}: run `reqdedup ingest` first"
+            f"table {settings.table(name)} does not exist in catalog {settings.catalog_location}: run `reqdedup ingest` first"
         ) from None

@@ -18,7 +18,7 @@ class MissingJarsError(RuntimeError):
 def spark_conf(settings: Settings) -> dict[str, str]:
     """All Spark settings in one place (also used to document the deployment)."""
     cat = settings.catalog_name
-    return {
+    conf = {
         "spark.jars": ",".join(str(p) for p in settings.spark_jar_paths),
         "spark.sql.extensions": "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions",
         f"spark.sql.catalog.{cat}": "org.apache.iceberg.spark.SparkCatalog",
@@ -35,14 +35,12 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         # and its commits fail with SQLITE_BUSY_SNAPSHOT once another process has committed.
         # pyiceberg's SqlCatalog creates the tables before Spark starts (get_spark).
         f"spark.sql.catalog.{cat}.jdbc.init-catalog-tables": "false",
-        # Wait for a competing commit instead of failing at once (SQLite driver property).
-        f"spark.sql.catalog.{cat}.jdbc.busy_timeout": "30000",
         "spark.sql.defaultCatalog": cat,
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
         "spark.driver.memory": settings.spark_driver_memory,
-        "spark.driver.host": "127.0.0.1",
-        "spark.driver.bindAddress": "127.0.0.1",
+        "spark.driver.host": settings.spark_driver_host,
+        "spark.driver.bindAddress": settings.spark_driver_bind_address,
         "spark.ui.enabled": "false",
         # Stage progress bars on a terminal; in logs (Airflow, CI) they are noise.
         "spark.ui.showConsoleProgress": str(os.sys.stderr.isatty()).lower(),
@@ -52,6 +50,10 @@ def spark_conf(settings: Settings) -> dict[str, str]:
         "spark.sql.requireAllClusterKeysForCoPartition": "false",
         "spark.sql.iceberg.planning.preserve-data-grouping": "true",
     }
+    if not settings.catalog_on_server:
+        # Wait for a competing commit instead of failing at once (SQLite driver property).
+        conf[f"spark.sql.catalog.{cat}.jdbc.busy_timeout"] = "30000"
+    return conf
 
 
 def get_spark(settings: Settings | None = None, app_name: str = "reqdedup"):

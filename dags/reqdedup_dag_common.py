@@ -138,3 +138,12 @@ def last_json(lines: list[str]) -> dict:
 
 def reqdedup_cli() -> list[str]:
     return [sys.executable, "-m", "reqdedup.cli"]
+
+
+def run_reqdedup(*args) -> list[str]:
+    """`reqdedup ARGS...` as a subprocess with the settings' environment (run_streaming).
+
+    A subprocess, not a call: no Spark JVM or torchrun outlives the command inside a task."""
+    from reqdedup.config import get_settings
+
+    return run_streaming([*reqdedup_cli(), *args], env=get_settings().as_env())

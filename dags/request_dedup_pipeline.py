@@ -28,10 +28,9 @@ from reqdedup_dag_common import (  # noqa: E402
     fail_fast_on_input_error,
     last_json,
     log,
-    reqdedup_cli,
     repo_path,
     run_date,
-    run_streaming,
+    run_reqdedup,
     window,
 )
 
@@ -170,11 +169,7 @@ def request_dedup_pipeline():
     @task
     def sorting_ingest(run: dict, landed: dict) -> dict:
         """Spark: sort the date by (user_id, request_id) into a staging branch of impressions."""
-        from reqdedup.config import get_settings
-
-        # A subprocess: its Spark JVM (and its hold on the SQLite catalog) ends with the task.
-        result = last_json(run_streaming([*reqdedup_cli(), "ingest", "--date", run["date"]],
-                                         env=get_settings().as_env()))
+        result = last_json(run_reqdedup("ingest", "--date", run["date"]))
         log.info("ingest: %s", result)
         return result
 
@@ -184,16 +179,12 @@ def request_dedup_pipeline():
         to main only if every expectation holds. A failure names each failed expectation
         and stops the run before training; the date stays on its staging branch."""
         context = get_current_context()
-        from reqdedup.config import get_settings
-
-        env = get_settings().as_env()
-        # Audit and publish are two processes: `validate_date(..., publish=True)` in one
-        # process currently fails its publish with SQLITE_BUSY on the catalog (something
-        # in the audit keeps a lock until its process exits); publishing from a fresh
-        # process works. The audit's exit status gates the publish.
-        lines = run_streaming([*reqdedup_cli(), "validate", "--date", run["date"], "--no-publish"], env=env)
+        # Audit and publish are two processes; the audit's exit status gates the publish.
+        # (They were split when the audit's Spark JVM held the SQLite catalog until it
+        # exited; the cause, Iceberg's unclosed catalog check, is off now: see spark_conf.)
+        lines = run_reqdedup("validate", "--date", run["date"], "--no-publish")
         result = {k: v for k, v in last_json(lines).items() if k != "expectations"}
-        published = last_json(run_streaming([*reqdedup_cli(), "publish", "--date", run["date"]], env=env))
+        published = last_json(run_reqdedup("publish", "--date", run["date"]))
         result["published"] = published.get("published", False)
         context["outlet_events"][IMPRESSIONS].extra = {"date": run["date"], "snapshot_id": result.get("snapshot_id")}
         log.info("data quality: %s", result)
@@ -205,16 +196,13 @@ def request_dedup_pipeline():
         context = get_current_context()
         results = []
         with fail_fast_on_input_error():
-            from reqdedup.config import get_settings
             from reqdedup.lake.features import get_feature
 
             names = context["params"]["features"]
             for name in names:
                 get_feature(name)  # an unknown name fails before any work
         for name in names:
-            # A subprocess each: no Spark JVM outlives the command (see sorting_ingest).
-            result = last_json(run_streaming([*reqdedup_cli(), "features", "add", name, "--date", run["date"]],
-                                             env=get_settings().as_env()))
+            result = last_json(run_reqdedup("features", "add", name, "--date", run["date"]))
             log.info("feature %s: %s", name, result)
             results.append(result)
         context["outlet_events"][FEATURES].extra = {"date": run["date"], "features": names}
@@ -231,12 +219,11 @@ def request_dedup_pipeline():
             raise AirflowSkipException("storage_report param is off")
         from reqdedup.config import get_settings
 
-        settings = get_settings()
-        json_path = settings.reports_dir / "storage_bench.json"
-        # A subprocess with its own Spark session: three ingests into a benchmark namespace.
-        cmd = [*reqdedup_cli(), "bench", "storage", "--requests", p["requests"], "--candidates", p["candidates"],
-               "--history", p["history"], "--users", p["users"], "--seed", p["data_seed"], "--json", json_path]
-        result = last_json(run_streaming(cmd, env=settings.as_env()))
+        json_path = get_settings().reports_dir / "storage_bench.json"
+        # Its own Spark session: three ingests into a benchmark namespace.
+        result = last_json(run_reqdedup("bench", "storage", "--requests", p["requests"], "--candidates",
+                                        p["candidates"], "--history", p["history"], "--users", p["users"],
+                                        "--seed", p["data_seed"], "--json", json_path))
         context["outlet_events"][STORAGE_REPORT].extra = {"json": str(json_path)}
         keys = ("rows", "bytes_iid", "bytes_sorted", "table_ratio", "user_columns_ratio", "item_columns_ratio")
         summary = {k: result.get(k) for k in keys} | {"json": str(json_path), "plot": result.get("plot")}
@@ -254,8 +241,6 @@ def request_dedup_pipeline():
         p = get_current_context()["params"]
         if not p["train"]:
             raise AirflowSkipException("train param is off")
-        from reqdedup.config import get_settings
-
         overrides = {
             "data.train_start": json.dumps(run["train_start"]), "data.train_end": json.dumps(run["train_end"]),
             "data.eval_start": json.dumps(run["date"]), "data.eval_end": json.dumps(run["date"]),
@@ -264,11 +249,10 @@ def request_dedup_pipeline():
             overrides["seeds"] = json.dumps(p["seeds"])
         if p["gate_tolerance"] is not None:
             overrides["gate.tolerance"] = json.dumps(p["gate_tolerance"])
-        cmd = [*reqdedup_cli(), "evaluate", "--config", run["experiment_config"]]
+        args = ["evaluate", "--config", run["experiment_config"]]
         for key, value in overrides.items():
-            cmd += ["--set", f"{key}={value}"]
-        lines = run_streaming(cmd, env=get_settings().as_env())
-        result = last_json(lines)
+            args += ["--set", f"{key}={value}"]
+        result = last_json(run_reqdedup(*args))
         log.info("evaluation: %s", result)
         return result
 
@@ -278,13 +262,10 @@ def request_dedup_pipeline():
         through the gate (IID tolerance, and better than the current champion)."""
         context = get_current_context()
         p = context["params"]
-        from reqdedup.config import get_settings
-
-        cmd = [*reqdedup_cli(), "register"]
+        args = ["register"]
         if p["gate_tolerance"] is not None:
-            cmd += ["--tolerance", str(p["gate_tolerance"])]
-        lines = run_streaming(cmd, env=get_settings().as_env())
-        result = last_json(lines)
+            args += ["--tolerance", str(p["gate_tolerance"])]
+        result = last_json(run_reqdedup(*args))
         context["outlet_events"][MODEL].extra = {k: result.get(k) for k in
                                                  ("registered_model", "version", "aliases", "evaluation_id")}
         log.info("registered: %s", result)

@@ -15,6 +15,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 # The dags folder is on sys.path when Airflow parses a bundle; also when this file is imported alone.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))) if os.path.dirname(os.path.abspath(__file__)) not in sys.path else None
+from reqdedup.contract import REQUEST_ID_STRIDE  # noqa: E402 (pure Python: the data contract)
 from reqdedup_dag_common import (  # noqa: E402
     DATE_PATTERN,
     DEFAULT_ARGS,
@@ -26,11 +27,10 @@ from reqdedup_dag_common import (  # noqa: E402
     STORAGE_REPORT,
     check_date,
     fail_fast_on_input_error,
-    last_json,
     log,
     repo_path,
     run_date,
-    run_reqdedup,
+    run_stage,
     window,
 )
 
@@ -45,7 +45,8 @@ block (history, features). This pipeline keeps that block deduplicated at every 
 | `check_params` | checks the trigger form's params, resolves the run's date | - |
 | `land_request_logs` | synthesizes the date's request logs when missing (`landing` param) or checks that real ones landed | landing folder (Asset) |
 | `sorting_ingest` | Spark sorts the date by (user_id, request_id) into the Iceberg `impressions` table, staged on branch `stage_YYYYMMDD` | staging branch |
-| `data_quality` | Great Expectations suites on the staged snapshot; publishes it to `main` only if every expectation holds, else fails naming each failed expectation | `impressions` (Asset) |
+| `data_quality` | Great Expectations suites on the staged snapshot; fails naming each failed expectation, else returns the audited snapshot id | - |
+| `publish` | fast-forwards `main` to exactly the audited snapshot (refused if the staging branch moved past it; a retry is a no-op) | `impressions` (Asset) |
 | `feature_columns` | adds the date to each feature side table (same bucketing and sort; user columns never rewritten) | feature tables (Asset) |
 | `train_and_evaluate` | one torchrun launch trains the experiment matrix (IID baseline, request-sorted with and without the fixes, every seed) on the `train_days` days before the date, evaluates on the date (held out) | checkpoints, MLflow runs, `reports/evaluation/` |
 | `register` | registers the request-sorted-with-fixes model in MLflow (alias `challenger`); alias `champion` only if the gate passes | registered model (Asset) |
@@ -71,7 +72,7 @@ PARAMS = {
                     "synthesize: always (re)generate; existing: use landed logs only (real data).",
     ),
     "users": Param(500, type="integer", minimum=1, maximum=10_000_000, title="Users (synthetic)"),
-    "requests": Param(2000, type="integer", minimum=1, maximum=100_000_000, title="Requests per day (synthetic)"),
+    "requests": Param(2000, type="integer", minimum=1, maximum=REQUEST_ID_STRIDE - 1, title="Requests per day (synthetic)"),
     "candidates": Param(50, type="integer", minimum=2, maximum=10_000, title="Candidates per request"),
     "history": Param(256, type="integer", minimum=1, maximum=50_000, title="Mean history length (item ids)"),
     "items": Param(20000, type="integer", minimum=100, maximum=100_000_000, title="Item catalog size"),
@@ -141,59 +142,80 @@ def request_dedup_pipeline():
 
     @task(outlets=[LANDING])
     def land_request_logs(run: dict) -> dict:
-        """Synthesize the date's request logs (or check that real logs landed)."""
+        """Synthesize the date's request logs (`reqdedup generate`), or check that real logs landed."""
         from airflow.sdk.exceptions import AirflowFailException
 
         context = get_current_context()
         p = context["params"]
-        with fail_fast_on_input_error():
-            from reqdedup.config import get_settings
+        from reqdedup.config import get_settings
 
-            settings = get_settings()
-            folder = settings.landing_path(run["date"])
-            present = folder.is_dir() and any(folder.glob("*.parquet"))
-            if p["landing"] == "existing" or (p["landing"] == "synthesize_if_missing" and present):
-                if not present:
-                    raise AirflowFailException(f"no landed logs for {run['date']} in {folder} (landing=existing)")
-                result = {"date": run["date"], "path": str(folder), "generated": False}
-            else:
-                from reqdedup.data.generator import GeneratorConfig, write_landing
-
-                cfg = GeneratorConfig(users=p["users"], requests=p["requests"], candidates=p["candidates"],
-                                      history=p["history"], items=p["items"], seed=p["data_seed"], date=run["date"])
-                result = {**write_landing(cfg), "generated": True}
-        context["outlet_events"][LANDING].extra = {"date": run["date"], "path": result["path"]}
+        folder = get_settings().landing_path(run["date"])
+        present = folder.is_dir() and any(folder.glob("*.parquet"))
+        if p["landing"] == "existing" or (p["landing"] == "synthesize_if_missing" and present):
+            if not present:
+                raise AirflowFailException(f"no landed logs for {run['date']} in {folder} (landing=existing)")
+            result = {"date": run["date"], "path": str(folder), "generated": False}
+        else:
+            result = {**run_stage("generate", "--date", run["date"], "--users", p["users"], "--requests",
+                                  p["requests"], "--candidates", p["candidates"], "--history", p["history"],
+                                  "--items", p["items"], "--seed", p["data_seed"]), "generated": True}
+        context["outlet_events"][LANDING].extra = {"date": result["date"], "path": result["path"]}
         log.info("landing: %s", result)
         return result
 
     @task
     def sorting_ingest(run: dict, landed: dict) -> dict:
-        """Spark: sort the date by (user_id, request_id) into a staging branch of impressions."""
-        result = last_json(run_reqdedup("ingest", "--date", run["date"]))
+        """Spark: sort the landed date by (user_id, request_id) into a staging branch of impressions."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        if landed.get("date") != run["date"]:
+            raise AirflowFailException(f"land_request_logs returned date {landed.get('date')!r}, the run is "
+                                       f"for {run['date']}")
+        result = run_stage("ingest", "--date", landed["date"])
         log.info("ingest: %s", result)
         return result
 
-    @task(outlets=[IMPRESSIONS])
+    @task
     def data_quality(run: dict, staged: dict) -> dict:
-        """Great Expectations on the staged snapshot (`reqdedup validate`); publish the date
-        to main only if every expectation holds. A failure names each failed expectation
-        and stops the run before training; the date stays on its staging branch."""
-        context = get_current_context()
-        # Audit and publish are two processes; the audit's exit status gates the publish.
-        # (They were split when the audit's Spark JVM held the SQLite catalog until it
-        # exited; the cause, Iceberg's unclosed catalog check, is off now: see spark_conf.)
-        lines = run_reqdedup("validate", "--date", run["date"], "--no-publish")
-        result = {k: v for k, v in last_json(lines).items() if k != "expectations"}
-        published = last_json(run_reqdedup("publish", "--date", run["date"]))
-        result["published"] = published.get("published", False)
-        context["outlet_events"][IMPRESSIONS].extra = {"date": run["date"], "snapshot_id": result.get("snapshot_id")}
+        """Great Expectations on the snapshot sorting_ingest staged (`reqdedup validate
+        --no-publish`). A failure names each failed expectation and stops the run before
+        training; the date stays on its staging branch. Returns the audit, with the audited
+        snapshot id."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        audit = run_stage("validate", "--date", staged["date"], "--no-publish")
+        if audit.get("snapshot_id") != staged.get("snapshot_id"):
+            raise AirflowFailException(
+                f"the audited snapshot {audit.get('snapshot_id')} of {staged['date']} is not the one sorting_ingest "
+                f"staged ({staged.get('snapshot_id')}): the staging branch moved; rerun the date")
+        result = {k: v for k, v in audit.items() if k != "expectations"}
         log.info("data quality: %s", result)
+        return result
+
+    @task(outlets=[IMPRESSIONS])
+    def publish(run: dict, audited: dict) -> dict:
+        """Fast-forward main to exactly the snapshot data_quality audited (`reqdedup publish
+        --snapshot-id`): refused if the staging branch moved past it; a retry after a
+        successful publish is a no-op success."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        context = get_current_context()
+        snapshot_id = audited.get("snapshot_id")
+        if snapshot_id is None or not audited.get("success"):
+            raise AirflowFailException(f"data_quality returned no passed audit with a snapshot id: {audited}")
+        result = run_stage("publish", "--date", audited["date"], "--snapshot-id", snapshot_id)
+        context["outlet_events"][IMPRESSIONS].extra = {"date": audited["date"], "snapshot_id": result.get("snapshot_id")}
+        log.info("publish: %s", result)
         return result
 
     @task(outlets=[FEATURES])
     def feature_columns(run: dict, published: dict) -> list[dict]:
-        """Add the date to each feature's side table (impressions untouched)."""
+        """Add the published date to each feature's side table (impressions untouched)."""
+        from airflow.sdk.exceptions import AirflowFailException
+
         context = get_current_context()
+        if not published.get("published") or published.get("date") != run["date"]:
+            raise AirflowFailException(f"data_quality did not publish {run['date']}: {published}")
         results = []
         with fail_fast_on_input_error():
             from reqdedup.lake.features import get_feature
@@ -202,10 +224,10 @@ def request_dedup_pipeline():
             for name in names:
                 get_feature(name)  # an unknown name fails before any work
         for name in names:
-            result = last_json(run_reqdedup("features", "add", name, "--date", run["date"]))
+            result = run_stage("features", "add", name, "--date", published["date"], name=name)
             log.info("feature %s: %s", name, result)
             results.append(result)
-        context["outlet_events"][FEATURES].extra = {"date": run["date"], "features": names}
+        context["outlet_events"][FEATURES].extra = {"date": published["date"], "features": names}
         return results
 
     @task(outlets=[STORAGE_REPORT], trigger_rule="none_failed")
@@ -221,9 +243,9 @@ def request_dedup_pipeline():
 
         json_path = get_settings().reports_dir / "storage_bench.json"
         # Its own Spark session: three ingests into a benchmark namespace.
-        result = last_json(run_reqdedup("bench", "storage", "--requests", p["requests"], "--candidates",
-                                        p["candidates"], "--history", p["history"], "--users", p["users"],
-                                        "--seed", p["data_seed"], "--json", json_path))
+        result = run_stage("bench", "storage", "--requests", p["requests"], "--candidates",
+                           p["candidates"], "--history", p["history"], "--users", p["users"],
+                           "--seed", p["data_seed"], "--json", json_path)
         context["outlet_events"][STORAGE_REPORT].extra = {"json": str(json_path)}
         keys = ("rows", "bytes_iid", "bytes_sorted", "table_ratio", "user_columns_ratio", "item_columns_ratio")
         summary = {k: result.get(k) for k in keys} | {"json": str(json_path), "plot": result.get("plot")}
@@ -236,11 +258,16 @@ def request_dedup_pipeline():
         train the matrix on the training days, evaluate on the date, write the report."""
         import json
 
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         p = get_current_context()["params"]
         if not p["train"]:
             raise AirflowSkipException("train param is off")
+        # The feature columns this run added: each must cover the evaluation date.
+        missing = [f.get("feature") for f in features
+                   if not (str(f.get("start")) <= run["date"] <= str(f.get("end")))]
+        if missing:
+            raise AirflowFailException(f"feature_columns did not add {run['date']} for {missing}: {features}")
         overrides = {
             "data.train_start": json.dumps(run["train_start"]), "data.train_end": json.dumps(run["train_end"]),
             "data.eval_start": json.dumps(run["date"]), "data.eval_end": json.dumps(run["date"]),
@@ -252,20 +279,21 @@ def request_dedup_pipeline():
         args = ["evaluate", "--config", run["experiment_config"]]
         for key, value in overrides.items():
             args += ["--set", f"{key}={value}"]
-        result = last_json(run_reqdedup(*args))
+        result = run_stage(*args) | {"features": {f["feature"]: f.get("snapshot_id") for f in features}}
         log.info("evaluation: %s", result)
         return result
 
     @task(outlets=[MODEL])
     def register(run: dict, evaluation: dict) -> dict:
-        """Register the request-sorted-with-fixes model (alias challenger); champion only
-        through the gate (IID tolerance, and better than the current champion)."""
+        """Register this run's evaluation (its summary and id, from train_and_evaluate):
+        the request-sorted-with-fixes model (alias challenger); champion only through the
+        gate (IID tolerance, and better than the current champion)."""
         context = get_current_context()
         p = context["params"]
-        args = ["register"]
+        args = ["register", "--summary", evaluation["summary_path"], "--evaluation-id", evaluation["evaluation_id"]]
         if p["gate_tolerance"] is not None:
             args += ["--tolerance", str(p["gate_tolerance"])]
-        result = last_json(run_reqdedup(*args))
+        result = run_stage(*args)
         context["outlet_events"][MODEL].extra = {k: result.get(k) for k in
                                                  ("registered_model", "version", "aliases", "evaluation_id")}
         log.info("registered: %s", result)
@@ -274,7 +302,8 @@ def request_dedup_pipeline():
     run = check_params()
     landed = land_request_logs(run)
     staged = sorting_ingest(run, landed)
-    published = data_quality(run, staged)
+    audited = data_quality(run, staged)
+    published = publish(run, audited)
     features = feature_columns(run, published)
     evaluation = train_and_evaluate(run, features)
     registered = register(run, evaluation)

@@ -13,6 +13,7 @@ import sys
 from airflow.sdk import Param, dag, get_current_context, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__))) if os.path.dirname(os.path.abspath(__file__)) not in sys.path else None
+from reqdedup.contract import REQUEST_ID_STRIDE  # noqa: E402 (pure Python: the data contract)
 from reqdedup_dag_common import (  # noqa: E402
     DATE_PATTERN,
     DEFAULT_ARGS,
@@ -48,7 +49,7 @@ Then run `request_dedup_pipeline` for the date (its `landing=existing` uses thes
         "date": Param(None, type=["null", "string"], pattern=DATE_PATTERN, title="Date (YYYY-MM-DD)",
                       description="Empty: the run's logical date (ds)."),
         "users": Param(500, type="integer", minimum=1, maximum=10_000_000),
-        "requests": Param(2000, type="integer", minimum=1, maximum=100_000_000),
+        "requests": Param(2000, type="integer", minimum=1, maximum=REQUEST_ID_STRIDE - 1),
         "candidates": Param(50, type="integer", minimum=2, maximum=10_000),
         "history": Param(256, type="integer", minimum=1, maximum=50_000),
         "items": Param(20000, type="integer", minimum=100, maximum=100_000_000),

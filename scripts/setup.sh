@@ -4,7 +4,10 @@
 #     so the multi-GB CUDA torch wheel that PyPI serves on Linux is downloaded once);
 #  2. the project itself, editable;
 #  3. the JVM jars Spark needs (Iceberg runtime, SQLite and Postgres JDBC drivers) from Maven Central at pinned
-#     versions, fetched once into $REQDEDUP_JARS_DIR (default $REQDEDUP_HOME/jars).
+#     versions, fetched once into $REQDEDUP_JARS_DIR (default $REQDEDUP_HOME/jars);
+#  4. headless Chromium (Debian's package) for tests/test_browser.py, where it is missing and
+#     apt-get can install it (root, or password-less sudo); otherwise one line says why, and
+#     the browser test skips with that reason (written to .venv/.reqdedup-chromium-missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,11 +21,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.reqdedup-installed
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-data.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned packages into .venv (first run downloads ~4 GB, then cached)"
   .venv/bin/python -m pip install -q "uv==$UV_VERSION"
   .venv/bin/uv pip install --python .venv/bin/python -r requirements.lock
+  .venv/bin/uv pip install --python .venv/bin/python --no-deps -r requirements-data.txt
   .venv/bin/uv pip install --python .venv/bin/python --no-deps -e .
   echo "$want" > "$stamp"
 else
@@ -42,4 +46,6 @@ for coord in $(.venv/bin/python -c 'from reqdedup.config import SPARK_JARS; prin
     mvn -q -B dependency:copy -Dartifact="$coord" -DoutputDirectory="$JARS_DIR"
   fi
 done
+# Chromium for the browser test (Debian's package: a real browser, no driver download).
+bash scripts/setup_chromium.sh .venv/.reqdedup-chromium-missing
 echo "[setup] ready: .venv, jars in $JARS_DIR"

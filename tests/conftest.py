@@ -44,3 +44,36 @@ def spark(settings):
     session = get_spark(settings, app_name="reqdedup-tests")
     yield session
     session.stop()
+
+
+# ---- the slow Airflow tests: ONE standalone server, ONE prepared lake, ONE unbroken run ------
+@pytest.fixture(scope="session")
+def standalone(request, test_home):
+    """`airflow standalone` on 127.0.0.1 with this session's REQDEDUP_* settings, started once
+    for every slow Airflow test (REST, browser, data quality, chaos); stopped at session end."""
+    from airflow_server import start_server
+
+    server = start_server({k: v for k, v in os.environ.items() if k.startswith("REQDEDUP_")})
+    request.addfinalizer(server.stop)
+    return server
+
+
+@pytest.fixture(scope="session")
+def prepared_lake(standalone) -> dict:
+    """The training day, landed and published to main once (airflow_server.prepare_lake)."""
+    from airflow_server import prepare_lake
+
+    return prepare_lake(standalone.env)
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(standalone, prepared_lake) -> dict:
+    """The pipeline's one unbroken run on the day after the prepared lake (tiny params)."""
+    import time
+
+    from airflow_server import E2E_DATE, pipeline_conf, require_success, run_to_end
+
+    t0 = time.monotonic()
+    run_id, run, states = run_to_end(standalone, pipeline_conf(standalone, E2E_DATE))
+    require_success(standalone, run_id, run, states)
+    return {"run_id": run_id, "date": E2E_DATE, "states": states, "seconds": time.monotonic() - t0}

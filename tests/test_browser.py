@@ -4,8 +4,10 @@ screenshots under settings.reports_dir.
 
 Chromium is driven through the Chrome DevTools Protocol over ``--remote-debugging-pipe``
 (file descriptors 3 and 4, NUL-terminated JSON), so no driver binary or Python package
-beyond the standard library is needed, and nothing is downloaded. CI installs Chromium
-with `apt-get install -y chromium` (.ci/run).
+beyond the standard library is needed, and nothing is downloaded. The set-up
+(scripts/setup.sh -> scripts/setup_chromium.sh) installs Debian's chromium where it is
+missing and apt-get can; where it cannot, it writes why to .venv/.reqdedup-chromium-missing
+and this test skips with that reason.
 """
 
 from __future__ import annotations
@@ -21,15 +23,24 @@ from pathlib import Path
 
 import pytest
 
-from test_airflow_e2e import DAG_ID, PASSWORD, USER, shared_standalone, successful_run
+from airflow_server import DAG_ID, PASSWORD, USER
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run",
                   "--disable-dev-shm-usage", "--window-size=1400,1000"]
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")]
+MISSING = Path(__file__).resolve().parents[1] / ".venv" / ".reqdedup-chromium-missing"
+
+
+def missing_reason() -> str:
+    """Why there is no chromium: the set-up's reason, else that the set-up did not run."""
+    if MISSING.is_file() and MISSING.read_text().strip():
+        return MISSING.read_text().strip()
+    return "chromium not installed (run scripts/setup.sh: it installs Debian's chromium where apt-get can)"
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason=missing_reason())]
 
 
 class Chromium:
@@ -146,9 +157,8 @@ def browser():
     b.close()
 
 
-def test_ui_login_successful_run_and_report_page(request, browser, settings):
-    server = shared_standalone(request)
-    run_id = successful_run(server)
+def test_ui_login_successful_run_and_report_page(standalone, pipeline_run, browser, settings):
+    server, run_id = standalone, pipeline_run["run_id"]
     b = browser
 
     # 1. Log in through the UI's own form (simple auth manager).

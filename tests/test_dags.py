@@ -1,5 +1,5 @@
-"""The DAG files: they parse cleanly and lightly, their params refuse bad input, and the
-pipeline runs end to end under ``dag.test()`` at a tiny scale (slow)."""
+"""The DAG files: they parse cleanly and lightly, and their params refuse bad input. (The
+pipeline's end-to-end runs are in test_airflow_e2e.py and test_chaos.py, on one server.)"""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DAGS = REPO / "dags"
-DAG_IDS = {"request_dedup_pipeline", "synthetic_request_logs", "feature_backfill"}
-PIPELINE_TASKS = ["check_params", "land_request_logs", "sorting_ingest", "data_quality", "feature_columns",
+DAG_IDS = {"request_dedup_pipeline", "synthetic_request_logs", "feature_backfill", "lake_maintenance"}
+PIPELINE_TASKS = ["check_params", "land_request_logs", "sorting_ingest", "data_quality", "publish", "feature_columns",
                   "train_and_evaluate", "register", "storage_report"]
 HEAVY = ("pyspark", "torch", "mlflow", "great_expectations", "pyiceberg", "pandas", "reqdedup.lake")
 
@@ -30,13 +29,6 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(DAGS)
 os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
 
 TINY = {"users": 30, "requests": 60, "candidates": 8, "history": 12, "items": 400}
-@pytest.fixture(scope="module")
-def tiny_matrix(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("configs") / "eval_dag_test.yaml"
-    from test_airflow_e2e import TINY_MATRIX
-
-    path.write_text(TINY_MATRIX)
-    return str(path)
 
 PARSE_PROBE = r"""
 import json, sys
@@ -103,12 +95,83 @@ def test_pipeline_shape(dagbag):
         assert t.doc_md or t.doc or True  # task docstrings render as the task's doc
     outlets = {t.task_id: [a.uri for a in t.outlets] for t in dag.tasks}
     assert outlets["land_request_logs"] == ["reqdedup://landing/request_logs"]
-    assert outlets["data_quality"] == ["iceberg://reqdedup/lake/impressions"]
+    assert outlets["publish"] == ["iceberg://reqdedup/lake/impressions"] and outlets["data_quality"] == []
     assert outlets["feature_columns"] == ["iceberg://reqdedup/lake/features"]
     assert outlets["register"] == ["mlflow://reqdedup/models/reqdedup"]
     # Training reads main only, so it must come after the data-quality gate.
     assert "data_quality" in dag.get_task("train_and_evaluate").get_flat_relative_ids(upstream=True)
     assert "train_and_evaluate" in dag.get_task("register").get_flat_relative_ids(upstream=True)
+
+
+def _call_task(task, monkeypatch, *args):
+    """Run a @task's function with run_stage recorded (it returns the given result)."""
+    import types
+
+    calls = []
+    printed = {}
+
+    def fake_run_stage(*cmd, name=None):
+        calls.append([str(c) for c in cmd])
+        return json.loads(json.dumps(printed))
+
+    class Outlets(dict):
+        def __missing__(self, key):
+            self[key] = types.SimpleNamespace(extra=None)
+            return self[key]
+
+    context = {"params": {}, "outlet_events": Outlets()}
+    fn = task.python_callable
+    monkeypatch.setitem(fn.__globals__, "run_stage", fake_run_stage)
+    monkeypatch.setitem(fn.__globals__, "get_current_context", lambda: context)
+    return fn, calls, printed, context
+
+
+def test_publish_task_publishes_the_snapshot_data_quality_audited(dagbag, monkeypatch):
+    """publish gets the audited snapshot id from data_quality's return value (XCom) and passes
+    it to `reqdedup publish --snapshot-id`; without one it fails, never publishes the branch head."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dagbag.dags["request_dedup_pipeline"]
+    task = dag.get_task("publish")
+    assert [a.operator.task_id for a in task.op_args] == ["check_params", "data_quality"]
+    fn, calls, printed, context = _call_task(task, monkeypatch)
+    printed.update({"date": "2026-01-02", "published": True, "status": "published", "snapshot_id": 42})
+    result = fn({"date": "2026-01-02"}, {"date": "2026-01-02", "snapshot_id": 42, "success": True})
+    assert calls == [["publish", "--date", "2026-01-02", "--snapshot-id", "42"]]
+    assert result["snapshot_id"] == 42
+    assert [e.extra for e in context["outlet_events"].values()] == [{"date": "2026-01-02", "snapshot_id": 42}]
+    with pytest.raises(AirflowFailException, match="no passed audit with a snapshot id"):
+        fn({"date": "2026-01-02"}, {"date": "2026-01-02", "success": True})
+    assert len(calls) == 1
+
+    audit = dag.get_task("data_quality")
+    fn, calls, printed, _ = _call_task(audit, monkeypatch)
+    printed.update({"date": "2026-01-02", "snapshot_id": 42, "success": True, "expectations": [{"check": "x"}]})
+    assert fn({"date": "2026-01-02"}, {"date": "2026-01-02", "snapshot_id": 42}) == \
+        {"date": "2026-01-02", "snapshot_id": 42, "success": True}
+    assert calls == [["validate", "--date", "2026-01-02", "--no-publish"]]
+
+
+def test_lake_maintenance_shape_and_params(dagbag, monkeypatch):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag.dags["lake_maintenance"]
+    assert dag.timetable.expression == "0 12 * * 0"  # weekly, Sundays at noon (away from the daily runs)
+    assert dag.catchup is False and dag.max_active_runs == 1 and "Lake maintenance" in dag.doc_md
+    ids = [t.task_id for t in dag.topological_sort()]
+    assert ids == ["drop_stale_branches", "rewrite_data_files", "expire_snapshots", "remove_orphan_files"]
+    for t in dag.tasks:
+        assert t.retries >= 1, t.task_id
+    for conf, field in [({"orphan_older_than_days": 0.5}, "orphan_older_than_days"), ({"retain_last": 0}, "retain_last"),
+                        ({"tables": ["Bad Name"]}, "tables"), ({"branch_max_age_days": -1}, "branch_max_age_days")]:
+        params = copy.deepcopy(dag.params)
+        with pytest.raises(ParamValidationError, match=field):
+            params.update(conf)
+    fn, calls, printed, context = _call_task(dag.get_task("expire_snapshots"), monkeypatch)
+    context["params"] = {"tables": ["impressions"], "expire_older_than_days": 7, "retain_last": 5}
+    printed.update({"expire": []})
+    assert fn() == {"expire": []}
+    assert calls == [["maintain", "expire", "--table", "impressions", "--older-than-days", "7", "--retain-last", "5"]]
 
 
 @pytest.mark.parametrize("conf, field", [
@@ -159,94 +222,10 @@ def test_check_date_names_the_problem():
     assert window("2026-01-02", 3) == ["2025-12-31", "2026-01-01", "2026-01-02"]
 
 
-# ---- end to end under dag.test() ---------------------------------------------------------
-@pytest.fixture(scope="module")
-def airflow_db():
-    """A migrated SQLite metadata DB for dag.test() (once per module, ~10-30 s)."""
-    subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"], check=True,
-                   env={**os.environ}, capture_output=True, timeout=600)
-    return os.environ["AIRFLOW_HOME"]
-
-
-def _states(dagrun) -> dict:
-    return {ti.task_id: str(ti.state.value if hasattr(ti.state, "value") else ti.state)
-            for ti in dagrun.get_task_instances()}
-
-
-def _run(dag, date: str, conf: dict):
-    import datetime as dt
-
-    day = dt.date.fromisoformat(date)
-    t0 = time.monotonic()
-    dagrun = dag.test(logical_date=dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc),
-                      run_conf={"date": date, **conf})
-    return dagrun, _states(dagrun), time.monotonic() - t0
-
-
-@pytest.mark.slow
-def test_pipeline_runs_end_to_end_under_dag_test(dagbag, airflow_db, settings, tiny_matrix, capfd):
-    """Day 1 lands, is ingested and published directly; the DAG then runs every stage for
-    day 2 (train on day 1, evaluate on day 2) at a tiny scale."""
-    from reqdedup.data.generator import GeneratorConfig, write_landing
-    from reqdedup.lake.ingest import ingest_date
-
-    train_day, eval_day = "2026-02-01", "2026-02-02"
-    write_landing(GeneratorConfig(date=train_day, seed=3, **TINY))
-    ingest_date(train_day, publish=True)
-
-    dag = dagbag.dags["request_dedup_pipeline"]
-    conf = {**TINY, "data_seed": 3, "seeds": [0], "experiment_config": tiny_matrix,
-            "train_days": 1, "gate_tolerance": 0.5}
-    dagrun, states, seconds = _run(dag, eval_day, conf)
-    out = capfd.readouterr()
-    assert all(s == "success" for s in states.values()), f"{states}\n{(out.out + out.err)[-6000:]}"
-    print(f"dag.test of the whole pipeline: {seconds:.0f} s")
-    from reqdedup.lake.catalog import load_table
-
-    rows = load_table("impressions", settings).scan(row_filter=f"event_date = '{eval_day}'").to_arrow()
-    assert rows.num_rows > 0  # published to main by the data-quality gate
-    assert (settings.reports_dir / "storage_bench.json").is_file()
-    assert (settings.reports_dir / "evaluation" / "summary.json").is_file()
-    import mlflow
-
-    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
-    assert client.get_model_version_by_alias(settings.registered_model, "challenger").version
-
-
-@pytest.mark.slow
-def test_failed_data_quality_stops_the_run_before_training(dagbag, airflow_db, settings, tiny_matrix, capfd):
-    """Landed logs that pass the landing checks but break an expectation (labels not 0/1):
-    data_quality fails without retries, its log naming the expectation; nothing downstream runs,
-    and the date never reaches main."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from reqdedup.data.generator import GeneratorConfig, write_landing
-
-    bad_day = "2026-02-05"
-    landed = write_landing(GeneratorConfig(date=bad_day, seed=4, **TINY))
-    for f in Path(landed["path"]).glob("*.parquet"):
-        t = pq.read_table(f)
-        i = t.schema.get_field_index("label")
-        labels = pc.add(t.column(i), pa.scalar(2, t.schema.field(i).type))  # 2 and 3: not 0/1
-        pq.write_table(t.set_column(i, t.schema.field(i), labels), f)
-
-    dag = dagbag.dags["request_dedup_pipeline"]
-    conf = {**TINY, "landing": "existing", "experiment_config": tiny_matrix, "storage_report": False}
-    dagrun, states, seconds = _run(dag, bad_day, conf)
-    out = capfd.readouterr()
-    logs = out.out + out.err
-    print(f"dag.test with a bad landing date: {seconds:.0f} s")
-    assert states["sorting_ingest"] == "success", states
-    assert states["data_quality"] == "failed", states
-    for downstream in ("feature_columns", "train_and_evaluate", "register", "storage_report"):
-        assert states[downstream] == "upstream_failed", states
-    assert "label_binary" in logs and "quarantined" in logs, logs[-6000:]
-    from reqdedup.lake.catalog import load_table
-
-    rows = load_table("impressions", settings).scan(row_filter=f"event_date = '{bad_day}'").to_arrow()
-    assert rows.num_rows == 0  # quarantined on its staging branch
+# ---- end to end: through the session's one `airflow standalone` server --------------------------
+# The pipeline's end-to-end runs (success, a failed data-quality gate, chaos) run on the
+# shared server and prepared lake of tests/conftest.py: tests/test_airflow_e2e.py and
+# tests/test_chaos.py. (They ran here under dag.test() with their own metadata DB and lake.)
 
 
 # ---- the report page plugin ------------------------------------------------------------------

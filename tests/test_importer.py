@@ -200,3 +200,98 @@ def test_negatives_exclude_session_items_and_fill(tmp_path):
     assert (rid[1:] != rid[:-1]).mean() > 0.05
     # labels: every request has at least one engaged item
     assert (g.label.max() == 1).all()
+
+
+def test_second_import_keeps_ids_and_numbers_new_ones_after(tmp_path):
+    """The id maps persist across imports: the same raw user/item gets the same id in a second
+    log, new raw ids get ids past the existing ones; the landing files carry the catalog size."""
+    from reqdedup.contract import items_from_metadata
+
+    out = tmp_path / "landing"
+    first = pd.DataFrame([(u, 1000 + (u * 7 + k) % 30, DAY1 + 3600 * k + u, 4.0) for u in range(50, 80)
+                          for k in range(4)], columns=["user_id", "item_id", "timestamp", "rating"])
+    p1 = tmp_path / "first.csv"
+    first.to_csv(p1, index=False)
+    s1 = import_interactions(p1, ImportConfig(candidates=4), out_dir=out)
+    users1, items1 = _maps(out)
+    assert sorted(users1.values()) == list(range(30)) and s1["items"] == len(items1)
+    # the second log: users 60..89 (60..79 known, 80..89 new) and some new items; raw ids shuffled
+    second = pd.DataFrame([(u, 1000 + (u * 5 + k) % 40, DAY2 + 3600 * k + u, 4.0) for u in range(89, 59, -1)
+                           for k in range(4)], columns=["user_id", "item_id", "timestamp", "rating"])
+    p2 = tmp_path / "second.csv"
+    second.to_csv(p2, index=False)
+    s2 = import_interactions(p2, ImportConfig(candidates=4), out_dir=out)
+    users2, items2 = _maps(out)
+    assert {k: users2[k] for k in users1} == users1 and {k: items2[k] for k in items1} == items1
+    assert sorted(users2[u] for u in range(80, 90)) == list(range(30, 40))
+    assert min(v for k, v in items2.items() if k not in items1) == len(items1)
+    df = _read({"paths": [p for p in s2["paths"] if p.endswith("2026-01-02")]})
+    raw_of = {v: k for k, v in users2.items()}
+    assert set(df.user_id.map(raw_of)) <= set(range(60, 90)) and df.user_id.map(raw_of).isin(range(60, 80)).any()
+    assert items_from_metadata(pq.read_schema(next(iter(sorted((out / "date=2026-01-02").glob("*.parquet"))))).metadata) \
+        == len(items2) == s2["items"]
+    # a retried import gives the same ids again
+    import_interactions(p2, ImportConfig(candidates=4), out_dir=out)
+    assert _maps(out) == (users2, items2)
+    # a string-id log cannot extend an integer map
+    p3 = tmp_path / "third.csv"
+    p3.write_text("user_id,item_id,timestamp\nalice,x,100\n")
+    with pytest.raises(InputError, match="integer raw ids"):
+        import_interactions(p3, ImportConfig(candidates=1), out_dir=out)
+
+
+def test_concurrent_imports_never_share_an_id(tmp_path):
+    """Two imports at once into one landing folder (one id map): the map is extended under a
+    lock, so every raw id has one id and no id is given to two raw ids."""
+    import threading
+
+    out = tmp_path / "landing"
+    paths = []
+    for n, (day, users) in enumerate(((DAY1, range(0, 40)), (DAY2, range(20, 60)))):
+        df = pd.DataFrame([(u, 500 + (u + k) % 25 + 10 * n, day + 3600 * k + u, 4.0) for u in users for k in range(3)],
+                          columns=["user_id", "item_id", "timestamp", "rating"])
+        p = tmp_path / f"log{n}.csv"
+        df.to_csv(p, index=False)
+        paths.append(p)
+    errors = []
+
+    def run(p):
+        try:
+            import_interactions(p, ImportConfig(candidates=3), out_dir=out)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    users, items = _maps(out)
+    assert set(users) == set(range(60)) and sorted(users.values()) == list(range(60))
+    assert sorted(items.values()) == list(range(len(items)))
+
+
+def test_recbole_atomic_inter_file_reads_like_the_csv(csv_log, tmp_path):
+    """A RecBole atomic file (.inter: tab-separated, name:type headers), the format of the
+    MovieLens-100k that the recbole wheel ships, imports to the same rows as the CSV."""
+    df = _log()
+    inter = tmp_path / "log.inter"
+    df.rename(columns={"user_id": "user_id:token", "item_id": "item_id:token", "rating": "rating:float",
+                       "timestamp": "timestamp:float"}).to_csv(inter, sep="\t", index=False)
+    cfg = ImportConfig(candidates=4, history=3, min_rating=3.0)
+    a = _read(import_interactions(inter, cfg, out_dir=tmp_path / "a"))
+    b = _read(import_interactions(csv_log, cfg, out_dir=tmp_path / "b"))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_movielens_100k_from_the_recbole_wheel():
+    from reqdedup.data.samples import movielens_100k
+
+    try:
+        path = movielens_100k()
+    except InputError as e:
+        pytest.skip(str(e))
+    head = path.read_text().splitlines()[:2]
+    assert head[0].split("\t") == ["user_id:token", "item_id:token", "rating:float", "timestamp:float"]
+    assert len(head[1].split("\t")) == 4

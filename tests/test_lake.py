@@ -179,6 +179,16 @@ def _nullable(table: pa.Table) -> pa.Table:
                                                          pa.array([None] * 3 + t.column("user_id").to_pylist()[3:], pa.int64())),
          "3 null user_id"),
         ("no rows", lambda t: t.slice(0, 0), "hold no rows"),
+        ("NaN dense feature", lambda t: t.set_column(
+            t.schema.get_field_index("user_dense"), t.schema.field("user_dense"),
+            pa.array([[float("nan")] + v[1:] if i == 0 else v for i, v in enumerate(t.column("user_dense").to_pylist())],
+                     pa.list_(pa.float32()))), "column 'user_dense': check finite (no NaN or inf)"),
+        ("segment outside the vocabulary", lambda t: t.set_column(
+            t.schema.get_field_index("user_segment"), t.schema.field("user_segment"),
+            pa.array([99] + t.column("user_segment").to_pylist()[1:], pa.int32())), "column 'user_segment': check in [0, 16)"),
+        ("null outside the keys", lambda t: _nullable(t).replace_schema_metadata(t.schema.metadata).set_column(
+            t.schema.get_field_index("label"), pa.field("label", pa.int32()),
+            pa.array([None] + t.column("label").to_pylist()[1:], pa.int32())), "column 'label': check not null"),
         ("wrong date", lambda t: t.set_column(t.schema.get_field_index("event_date"), t.schema.field("event_date"),
                                               pc.add(t.column("event_date").cast(pa.int32()), 1).cast(pa.int32()).cast(pa.date32())),
          "do not match the landing date"),

@@ -99,24 +99,30 @@ def test_training_figures():
     assert f["train_rows_per_s"] == 1000.0 and f["final_train_loss"] == 0.5
 
 
-def _summary(cand: dict, base: dict, eval_set="es-1"):
+def _summary(cand: dict, base: dict, eval_set="es-1", intervals=None):
     def cfg(means):
         return {m: {"mean": v} for m, v in means.items()}
     return {"status": "succeeded", "eval_set_id": eval_set,
-            "aggregate": {"configs": {"iid": cfg(base), "sorted_fixed": cfg(cand)}}}
+            "aggregate": {"configs": {"iid": cfg(base), "sorted_fixed": cfg(cand)},
+                          "intervals": {"sorted_fixed": intervals or {}}}}
+
+
+def _iv(low, high):
+    return {"point": (low + high) / 2, "low": low, "high": high, "level": 0.95, "n_seeds": 5}
 
 
 def test_gate_tolerance_and_champion():
     assert within_tolerance(0.996, 1.0, 0.005, "auc") and not within_tolerance(0.994, 1.0, 0.005, "auc")
     assert within_tolerance(0.502, 0.5, 0.005, "log_loss") and not within_tolerance(0.51, 0.5, 0.005, "log_loss")
     metrics = ["auc", "recall@10"]
-    s = _summary({"auc": 0.70, "recall@10": 0.30}, {"auc": 0.701, "recall@10": 0.30})
-    # within 0.5%, no champion -> promote
+    ok = {"auc": _iv(-0.004, 0.002), "recall@10": _iv(0.001, 0.01)}
+    s = _summary({"auc": 0.70, "recall@10": 0.30}, {"auc": 0.701, "recall@10": 0.30}, intervals=ok)
+    # interval above -0.5% on both metrics, no champion -> promote
     d = decide(s, tolerance=0.005, metrics=metrics, model_metrics={"auc": 0.70, "recall@10": 0.3}, champion=None)
     assert d.promote and "no current champion" in d.notes[0]
-    # tolerance 0: 0.70 < 0.701 -> refused, reason names the metric
+    # tolerance 0: the AUC interval reaches -0.4% -> refused, reason names the metric
     d = decide(s, tolerance=0.0, metrics=metrics, model_metrics={"auc": 0.70, "recall@10": 0.3}, champion=None)
-    assert not d.promote and "auc" in d.reasons[0]
+    assert not d.promote and "auc" in d.reasons[0] and "recall" not in " ".join(d.reasons)
     # champion on the same eval set and better -> refused
     champ = {"version": "1", "eval_set_id": "es-1", "metrics": {"auc": 0.71, "recall@10": 0.3}}
     d = decide(s, tolerance=0.005, metrics=metrics, model_metrics={"auc": 0.70, "recall@10": 0.3}, champion=champ)
@@ -129,3 +135,72 @@ def test_gate_tolerance_and_champion():
     assert beats({"auc": 0.72, "recall@10": 0.3}, champ["metrics"], metrics)[0]
     assert not beats(champ["metrics"], champ["metrics"], metrics)[0]
     assert not decide({"status": "failed"}, tolerance=1, metrics=metrics, model_metrics={}, champion=None).promote
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_raise_instead_of_reaching_the_metrics(bad):
+    """A NaN score compares false with everything: retrieval_ranks would give it rank 1 and
+    recall@K could pass the gate. Every metric entry point refuses non-finite scores."""
+    from reqdedup.errors import NonFiniteScoresError
+
+    labels = np.array([0, 1, 0, 1])
+    scores = np.array([0.1, bad, 0.3, 0.4])
+    with pytest.raises(NonFiniteScoresError, match="NaN or infinite"):
+        M.roc_auc(labels, scores)
+    with pytest.raises(NonFiniteScoresError):
+        M.log_loss(labels, scores)
+    pool = np.array([[0.1, 0.2, 0.3], [bad, 0.0, 0.5]])
+    with pytest.raises(NonFiniteScoresError, match=r"index \(1, 0\)"):
+        M.retrieval_ranks(pool, np.array([0, 0]))
+
+
+def test_evaluate_shard_refuses_a_model_that_scores_nan():
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from reqdedup.errors import NonFiniteScoresError
+    from reqdedup.evaluate.matrix_worker import evaluate_shard
+
+    class NanModel:
+        def eval(self):
+            return self
+
+        def item_tower(self, item, category, dense):
+            return torch.ones(item.numel(), 4)
+
+        def score_candidates(self, batch, mode):
+            return {"logit": torch.tensor([0.5, float("nan")]), "user_emb": torch.ones(1, 4)}
+
+    batch = SimpleNamespace(label=torch.tensor([1.0, 0.0]), row_request=torch.tensor([0, 0]),
+                            item_id=torch.tensor([3, 5]))
+    data = SimpleNamespace(pool_item=torch.tensor([3, 5]), pool_category=torch.tensor([0, 1]),
+                           pool_dense=torch.zeros(2, 4), pool_ids=np.array([3, 5]), batches=[batch])
+    with pytest.raises(NonFiniteScoresError, match="evaluation logits"):
+        evaluate_shard(NanModel(), data)
+
+
+def test_gate_decides_on_the_interval_not_the_mean():
+    metrics = ["auc", "recall@10"]
+    means = ({"auc": 0.70, "recall@10": 0.30}, {"auc": 0.70, "recall@10": 0.30})  # equal means
+    mm = {"auc": 0.70, "recall@10": 0.3}
+    # equal means but a wide interval (lower bound -2%): refused
+    wide = _summary(*means, intervals={"auc": _iv(-0.02, 0.02), "recall@10": _iv(-0.001, 0.001)})
+    d = decide(wide, tolerance=0.005, metrics=metrics, model_metrics=mm, champion=None)
+    assert not d.promote and "auc" in d.reasons[0]
+    # no interval at all: refused, whatever the means
+    d = decide(_summary(*means), tolerance=0.005, metrics=metrics, model_metrics=mm, champion=None)
+    assert not d.promote and len(d.reasons) == 2 and "no interval" in d.reasons[0]
+    # the boundary: lower bound exactly -tolerance passes, a hair below fails
+    edge = _summary(*means, intervals={"auc": _iv(-0.005, 0.0), "recall@10": _iv(-0.005, 0.0)})
+    assert decide(edge, tolerance=0.005, metrics=metrics, model_metrics=mm, champion=None).promote
+    below = _summary(*means, intervals={"auc": _iv(-0.00501, 0.0), "recall@10": _iv(-0.005, 0.0)})
+    assert not decide(below, tolerance=0.005, metrics=metrics, model_metrics=mm, champion=None).promote
+    # one seed: no estimate of the seed spread, never non-inferior
+    one = _summary(*means, intervals={"auc": {**_iv(0.0, 0.001), "n_seeds": 1}, "recall@10": _iv(0.0, 0.001)})
+    assert not decide(one, tolerance=0.005, metrics=metrics, model_metrics=mm, champion=None).promote
+    # log loss: lower is better, the upper bound decides
+    ll = _summary({"log_loss": 0.5}, {"log_loss": 0.5}, intervals={"log_loss": _iv(-0.05, 0.004)})
+    assert decide(ll, tolerance=0.005, metrics=["log_loss"], model_metrics={"log_loss": 0.5}, champion=None).promote
+    ll_bad = _summary({"log_loss": 0.5}, {"log_loss": 0.5}, intervals={"log_loss": _iv(-0.05, 0.006)})
+    assert not decide(ll_bad, tolerance=0.005, metrics=["log_loss"], model_metrics={"log_loss": 0.5},
+                      champion=None).promote

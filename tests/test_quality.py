@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from reqdedup import cli
+from reqdedup.contract import NUM_CATEGORIES
 from reqdedup.data.generator import GeneratorConfig, write_landing
 from reqdedup.errors import InputError
 from reqdedup.lake.catalog import load_table
@@ -85,9 +86,10 @@ def bad(settings, spark):
     for u, r in zip(staged.column("user_id").to_pylist(), staged.column("request_id").to_pylist()):
         first_request_of_user.setdefault(u, r)
     users = sorted(first_request_of_user)
-    pick = dict(zip(["history", "dup", "null_user", "label", "two_users", "dense", "position", "lost"],
-                    [first_request_of_user[u] for u in users[:8]]))
-    other_user = users[8]
+    pick = dict(zip(["history", "dup", "null_user", "label", "two_users", "dense", "position", "lost",
+                     "nan", "category", "item"],
+                    [first_request_of_user[u] for u in users[:11]]))
+    other_user = users[11]
     rid = staged.column("request_id").to_pylist()
     first_row = {r: rid.index(r) for r in pick.values()}
 
@@ -99,6 +101,9 @@ def bad(settings, spark):
     cols["user_id"][first_row[pick["two_users"]]] = other_user
     cols["user_dense"][first_row[pick["dense"]]] = cols["user_dense"][first_row[pick["dense"]]][:-1]
     cols["position"][first_row[pick["position"]]] = SMALL["candidates"]
+    cols["item_dense"][first_row[pick["nan"]]] = [float("nan")] + cols["item_dense"][first_row[pick["nan"]]][1:]
+    cols["item_category"][first_row[pick["category"]]] = NUM_CATEGORIES
+    cols["item_id"][first_row[pick["item"]]] = SMALL["items"]
     table = pa.table({n: pa.array(v, staged.schema.field(n).type) for n, v in cols.items()}, schema=staged.schema)
     dup = table.slice(first_row[pick["dup"]], 1)  # a replayed candidate row
     table = pa.concat_tables([table, dup])
@@ -148,6 +153,9 @@ def bad(settings, spark):
     ("one_user_per_request", "two_users"),
     ("user_dense_length_min", "dense"),
     ("position_below_candidates", "position"),
+    ("dense_finite", "nan"),
+    ("vocabulary_item_category", "category"),
+    ("item_id_in_catalog", "item"),
 ])
 def test_each_corruption_is_caught_with_its_request_as_sample_key(bad, check, key):
     entry = bad["by_check"][check]
@@ -171,8 +179,11 @@ def test_row_count_mismatch_names_the_lost_request(bad):
     assert not entry["success"]
     landed = bad["summary"]["rows_landed"]
     assert entry["observed_value"] == {"table": bad["rows_written"], "landed": landed}
-    assert {k["request_id"] for k in entry["sample_keys"]["missing_from_table"]} == {bad["pick"]["lost"]}
-    assert {k["request_id"] for k in entry["sample_keys"]["not_in_landing"]} == {bad["pick"]["dup"]}
+    # the row whose item_id was set past the catalog changed its (request_id, item_id) key too
+    assert {k["request_id"] for k in entry["sample_keys"]["missing_from_table"]} == {bad["pick"]["lost"],
+                                                                                    bad["pick"]["item"]}
+    assert {k["request_id"] for k in entry["sample_keys"]["not_in_landing"]} == {bad["pick"]["dup"],
+                                                                                bad["pick"]["item"]}
 
 
 def test_schema_drift_and_label_rate_bounds(bad):

@@ -178,6 +178,22 @@ def test_checkpoint_round_trip(tmp_path):
         load_model(str(tmp_path / "bad.pt"))
 
 
+class _NotWeights:  # pickled by reference: a weights-only load refuses it
+    pass
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    """One loader (reqdedup.train.model.load_checkpoint) reads every checkpoint with
+    weights_only=True: a file that would run code on unpickling is refused, naming it."""
+    from reqdedup.train.model import load_checkpoint
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _model(3).state_dict(), "model_config": TINY.to_dict(), "extra": _NotWeights()}, path)
+    for load in (load_checkpoint, load_model):
+        with pytest.raises(ValueError, match=f"{path}.*weights-only"):
+            load(path)
+
+
 def test_constructor_rejects_bad_options():
     with pytest.raises(ValueError, match="precision"):
         RequestScorer(_model(), "cpu", precision="fp8")
@@ -357,3 +373,43 @@ def test_cuda_fp32_per_candidate_past_2_31_attention_scores_matches_request_leve
     per_candidate = scorer.score(reqs, mode="per_candidate")
     torch.cuda.synchronize()
     _assert_same(scorer.score(reqs), per_candidate, atol=1e-3)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("serve_max_requests_per_call", "3 requests in one call"),
+    ("serve_max_candidates_per_request", "candidates"),
+    ("serve_max_history", "history ids"),
+])
+def test_payload_past_a_serving_limit_is_a_400_naming_the_limit(pyfunc_model, monkeypatch, setting, message):
+    """Each limit is a setting (REQDEDUP_SERVE_MAX_*); a payload past it is refused before
+    scoring with INVALID_PARAMETER_VALUE (HTTP 400), the message naming the limit."""
+    from mlflow.exceptions import MlflowException
+
+    from reqdedup.config import get_settings
+    from reqdedup.serve.pyfunc import RequestLevelModel, ServeLimits
+
+    reqs = _requests(3)
+    observed = {"serve_max_requests_per_call": len(reqs),
+                "serve_max_candidates_per_request": max(len(r.item_id) for r in reqs),
+                "serve_max_history": max(len(r.history) for r in reqs)}[setting]
+    monkeypatch.setenv(f"REQDEDUP_{setting.upper()}", str(observed - 1))
+    limited = RequestLevelModel()
+    limited.scorer = pyfunc_model.scorer
+    limited.limits = ServeLimits.from_settings(get_settings())
+    assert getattr(limited.limits, setting.removeprefix("serve_")) == observed - 1
+    with pytest.raises(MlflowException, match=f"{message}.*{setting} = {observed - 1}") as info:
+        limited.predict(None, _frame(reqs))
+    assert info.value.get_http_status_code() == 400 and f"REQDEDUP_{setting.upper()}" in info.value.message
+    # at the limit it scores
+    monkeypatch.setenv(f"REQDEDUP_{setting.upper()}", str(observed))
+    limited.limits = ServeLimits.from_settings(get_settings())
+    assert len(limited.predict(None, _frame(reqs))) == len(reqs)
+
+
+def test_serving_limits_refuse_bad_settings(monkeypatch):
+    from reqdedup.config import get_settings
+    from reqdedup.errors import InputError
+
+    monkeypatch.setenv("REQDEDUP_SERVE_MAX_REQUESTS_PER_CALL", "0")
+    with pytest.raises(InputError, match="serve_max_requests_per_call"):
+        get_settings()

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from reqdedup.bench.serve_http import stop, wait_healthy
 from reqdedup.serve.scorer import Request, RequestScorer
 from reqdedup.train.model import ModelConfig, RecModel
 
@@ -32,6 +31,7 @@ MODEL_NAME = "reqdedup_serve_test"
 CFG = ModelConfig(items=200, seq_len=32, d_model=16, n_layers=2, n_heads=2, ff_dim=32, emb_dim=8,
                   user_mlp=(16,), item_mlp=(16,), head_mlp=(16, 8))
 START_TIMEOUT_S = 180
+MAX_CANDIDATES = 16  # the server's serve_max_candidates_per_request (REQDEDUP_SERVE_MAX_CANDIDATES_PER_REQUEST)
 
 
 def _free_port() -> int:
@@ -105,35 +105,18 @@ def server(settings, champion, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve_log") / "server.log"
     bin_dir = Path(sys.executable).parent  # the venv's: `mlflow models serve` execs `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri, "REQDEDUP_SERVE_DEVICE": "cpu",
-           "PYTHONUNBUFFERED": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+           "PYTHONUNBUFFERED": "1", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "REQDEDUP_SERVE_MAX_CANDIDATES_PER_REQUEST": str(MAX_CANDIDATES)}
     mlflow_bin = bin_dir / "mlflow"
     cmd = [str(mlflow_bin), "models", "serve", "-m", f"models:/{MODEL_NAME}@champion", "--env-manager", "local",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not healthy after {START_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, START_TIMEOUT_S, log_path)
         yield {"port": port, "proc": proc, "log": log_path}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the whole group: uvicorn workers included
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop(proc)
 
 
 def _in_process_scores(champion, records):
@@ -196,6 +179,10 @@ def _malformed() -> dict[str, tuple[dict | bytes, str]]:
                                  f"candidate_item_id holds {CFG.items}, outside 0..{CFG.items - 1}"),
         "NaN feature": (change(0, user_dense=[None] * 8), "user_dense"),
         "not JSON": (b"{not json", "valid JSON"),
+        "past the candidates limit": (change(1, candidate_item_id=[1] * (MAX_CANDIDATES + 1),
+                                             candidate_item_category=[1] * (MAX_CANDIDATES + 1),
+                                             candidate_item_dense=[[0.0] * 4] * (MAX_CANDIDATES + 1)),
+                                      f"serve_max_candidates_per_request = {MAX_CANDIDATES}"),
     }
 
 
@@ -214,3 +201,23 @@ def test_malformed_payloads_get_4xx_and_the_server_keeps_serving(server, champio
         assert status == 200, (case, good)
         _check_scores(good["predictions"], expected, records)
     assert server["proc"].poll() is None
+
+
+def test_bench_serve_http_bounded_load_against_mlflow_models_serve(settings, champion, tmp_path, monkeypatch):
+    """`reqdedup bench serve-http` starts `mlflow models serve` of the registered champion on
+    loopback, runs a few seconds at a fixed rate (every 4th call past the candidates limit)
+    and writes p50/p99, calls by status and the server's RSS at start and end."""
+    from reqdedup.bench.serve_http import main as bench_main
+
+    monkeypatch.setenv("REQDEDUP_SERVE_MAX_CANDIDATES_PER_REQUEST", str(MAX_CANDIDATES))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
+    path = tmp_path / "serve_http.json"
+    assert bench_main(["--model-uri", f"models:/{MODEL_NAME}@champion", "--seconds", "4", "--rate", "5",
+                       "--candidates", "8", "--history", "20", "--items", str(CFG.items), "--oversize-every", "4",
+                       "--warmup", "2", "--startup-timeout", str(START_TIMEOUT_S), "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["calls"] == 20 and out["by_status"] == {"200": 15, "400": 5}, out
+    assert out["errors_by_status"] == {"400": 5} and out["connection_errors"] == {}
+    assert 0 < out["latency_ms"]["p50"] <= out["latency_ms"]["p99"]
+    assert out["rss_bytes"]["start"] > 50 << 20 and out["rss_bytes"]["end"] > 50 << 20
+    assert out["server_command"][1:3] == ["models", "serve"] and "127.0.0.1" in out["server_command"]

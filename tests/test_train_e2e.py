@@ -39,7 +39,9 @@ def _config(tmp_path, name, mlflow=False, **train):
 
 
 def _weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    from reqdedup.train.model import load_checkpoint
+
+    return load_checkpoint(path)["model"]
 
 
 def test_two_process_training_logs_to_mlflow(settings, lake, tmp_path):
@@ -51,14 +53,13 @@ def test_two_process_training_logs_to_mlflow(settings, lake, tmp_path):
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     run = mlflow.get_run(metrics["mlflow_run_id"])
-    assert run.data.params["data.order"] == "sorted" and run.data.params["dist.nproc_per_node"] == "2"
+    assert run.data.params["data.order"] == "table" and run.data.params["dist.nproc_per_node"] == "2"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in history] == [0, 1, 2]
     # SyncBN was in the model: its state loads into a plain single-process model.
-    from reqdedup.train.model import ModelConfig, RecModel
+    from reqdedup.train.model import load_model
 
-    saved = torch.load(tmp_path / "e2e_mlflow" / FINAL_MODEL, weights_only=False)
-    RecModel(ModelConfig.from_dict(saved["model_config"])).load_state_dict(saved["model"])
+    load_model(tmp_path / "e2e_mlflow" / FINAL_MODEL)
 
 
 def test_killed_run_resumes_to_where_an_unbroken_run_ends(settings, lake, tmp_path):
@@ -67,14 +68,17 @@ def test_killed_run_resumes_to_where_an_unbroken_run_ends(settings, lake, tmp_pa
 
     broken = _config(tmp_path, "broken")
     steps = run_steps = None
-    from reqdedup.train.loader import RequestLoader
+    from reqdedup.train.reader import RequestReader
+    from reqdedup.train.worker import reader_spec
 
-    steps = RequestLoader.from_lake(DATES[0], DATES[1], settings=settings, order="sorted", batch_rows=100,
-                                    seq_len=16, rank=0, world_size=2).steps_per_epoch()
+    steps = RequestReader.from_settings(DATES[0], DATES[1], reader_spec(unbroken), settings=settings,
+                                        rank=0, world_size=2).steps_per_epoch()
     kill_at = steps + steps // 2  # mid-way through the second epoch
     with pytest.raises(RuntimeError, match="torchrun exited"):
         run_training(broken, settings, extra_env={KILL_AT_STEP_ENV: str(kill_at)})
-    ckpt = torch.load(tmp_path / "broken" / CHECKPOINT, weights_only=False)
+    from reqdedup.train.model import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "broken" / CHECKPOINT)
     assert ckpt["epoch"] == 0, "the kill came after the first epoch's checkpoint"
     assert not (tmp_path / "broken" / FINAL_MODEL).exists()
 

@@ -54,6 +54,12 @@ class Settings:
     # A Postgres catalog instead of catalog_db (see catalog_on_server); not in repr: credentials.
     catalog_server_uri: str = field(default="", repr=False)
     catalog_server_jdbc_uri: str = field(default="", repr=False)
+    # Serving a crossing ranker: requests whose context (history K/V) an LRU keeps; 0 = off.
+    serve_context_cache_requests: int = 0
+    # Serving limits: a payload past one is refused (HTTP 400) with a message naming the limit.
+    serve_max_requests_per_call: int = 1024
+    serve_max_candidates_per_request: int = 1000
+    serve_max_history: int = 4096
     extra: dict = field(default_factory=dict)
 
     # ---- derived names -------------------------------------------------------------
@@ -122,6 +128,19 @@ class Settings:
         return out
 
 
+def _int_setting(name: str, default: str, minimum: int) -> int:
+    raw = _env(name, default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        from reqdedup.errors import InputError
+
+        raise InputError(f"setting {name} (REQDEDUP_{name.upper()}) must be an integer >= {minimum}, got {raw!r}")
+    return value
+
+
 def get_settings() -> Settings:
     """Settings from the environment, with embedded defaults under the home folder."""
     home = Path(_env("home", str(REPO_ROOT / ".reqdedup"))).expanduser().resolve()
@@ -156,4 +175,8 @@ def get_settings() -> Settings:
         airflow_home=path("airflow_home", home / "airflow"),
         reports_dir=path("reports_dir", home / "reports"),
         checkpoints_dir=path("checkpoints_dir", home / "checkpoints"),
+        serve_context_cache_requests=_int_setting("serve_context_cache_requests", "0", minimum=0),
+        serve_max_requests_per_call=_int_setting("serve_max_requests_per_call", "1024", minimum=1),
+        serve_max_candidates_per_request=_int_setting("serve_max_candidates_per_request", "1000", minimum=1),
+        serve_max_history=_int_setting("serve_max_history", "4096", minimum=0),
     )

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-USER_DENSE_DIM = 8
-ITEM_DENSE_DIM = 4
+from reqdedup.contract import ITEM_DENSE_DIM, SORT_KEYS, USER_DENSE_DIM, items_metadata
+
+__all__ = ["IMPRESSIONS_SCHEMA", "ITEM_DENSE_DIM", "KEY_COLUMNS", "SORT_KEYS", "USER_DENSE_DIM", "landing_schema"]
 
 # Keys and request context.
 KEY_COLUMNS = ("request_id", "user_id")
@@ -38,4 +39,8 @@ IMPRESSIONS_SCHEMA = pa.schema(
     ]
 )
 
-SORT_KEYS = ("user_id", "request_id")
+
+def landing_schema(items: int) -> pa.Schema:
+    """IMPRESSIONS_SCHEMA with the item catalog size as metadata: what the generator and the
+    importer write, and what ingest bounds item ids and history ids with."""
+    return IMPRESSIONS_SCHEMA.with_metadata(items_metadata(items))

@@ -40,13 +40,12 @@ import pyarrow.parquet as pq
 
 from reqdedup.errors import InputError
 from reqdedup.fsutil import replace_dir_atomically, temp_dir_for
-from reqdedup.schema import IMPRESSIONS_SCHEMA, ITEM_DENSE_DIM, USER_DENSE_DIM
-
-N_CATEGORIES = 64
-N_SEGMENTS = 16
-N_COUNTRIES = 64
-REQUEST_ID_STRIDE = 10**8  # request_id = days_since_epoch * 10**8 + index within the day
-EPOCH = dt.date(1970, 1, 1)
+from reqdedup.contract import EPOCH, ITEM_DENSE_DIM, REQUEST_ID_STRIDE, USER_DENSE_DIM
+from reqdedup.contract import NUM_CATEGORIES as N_CATEGORIES
+from reqdedup.contract import NUM_COUNTRIES as N_COUNTRIES
+from reqdedup.contract import NUM_SEGMENTS as N_SEGMENTS
+from reqdedup.contract import parse_date
+from reqdedup.schema import landing_schema
 
 
 @dataclass(frozen=True)
@@ -99,10 +98,7 @@ class GeneratorConfig:
 
 
 def _parse_date(date: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(date)
-    except (TypeError, ValueError):
-        raise InputError(f"date must be YYYY-MM-DD, got {date!r}") from None
+    return parse_date(date, "date")
 
 
 # ---------------------------------------------------------------------------------------
@@ -422,7 +418,7 @@ class Day:
             pa.array(pos),
             pa.array(self.label.ravel()[flat]),
         ]
-        return pa.Table.from_arrays(cols, schema=IMPRESSIONS_SCHEMA)
+        return pa.Table.from_arrays(cols, schema=landing_schema(self.cfg.items))
 
 
 def build_day(cfg: GeneratorConfig) -> Day:

@@ -21,15 +21,17 @@ Mapping (see docs/data.md):
 * **features** are point-in-time, never from the future: ``item_dense`` from interactions of
   earlier dates only (a daily snapshot), ``user_dense`` from the user's interactions before
   the session start.
-* ids: raw user ids -> ``user_id`` 0..U-1 (int64), raw item ids -> ``item_id`` 0..I-1 (int32),
-  both in sorted raw-id order; the mappings are written to ``<landing>/_mappings/``.
+* ids: raw user ids -> ``user_id`` (int64), raw item ids -> ``item_id`` (int32), through the
+  persistent id maps of :mod:`reqdedup.data.idmap` (``<landing>/_mappings/``, by default under
+  ``$REQDEDUP_HOME``): a raw id seen by an earlier import keeps its id, new raw ids get ids
+  past the largest one, in sorted raw-id order (a first import: 0..U-1 and 0..I-1). The item
+  catalog size written into the landing files' schema metadata is the item map's size.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +41,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from reqdedup.contract import EPOCH, ITEM_DENSE_DIM, NUM_CATEGORIES, NUM_COUNTRIES, NUM_SEGMENTS, REQUEST_ID_STRIDE
+from reqdedup.contract import USER_DENSE_DIM
+from reqdedup.data import idmap
+from reqdedup.data.generator import landing_root
+from reqdedup.data.idmap import MAPPINGS_DIR
 from reqdedup.errors import InputError
-from reqdedup.data.generator import EPOCH, REQUEST_ID_STRIDE, landing_root
 from reqdedup.fsutil import replace_dir_atomically, temp_dir_for
-from reqdedup.schema import IMPRESSIONS_SCHEMA, ITEM_DENSE_DIM, USER_DENSE_DIM
+from reqdedup.schema import landing_schema
 
 REQUIRED = ("user_id", "item_id", "timestamp")
 CATEGORY_COLUMNS = ("category", "item_category")
-MAPPINGS_DIR = "_mappings"
+__all__ = ["MAPPINGS_DIR", "ImportConfig", "InteractionLogError", "import_interactions"]
 
 
 class InteractionLogError(InputError):
@@ -79,8 +85,10 @@ def _read_frame(path: Path) -> pd.DataFrame:
         else:
             import pyarrow.csv as pacsv
 
-            delimiter = "\t" if name.endswith((".tsv", ".tsv.gz")) else ","
+            delimiter = "\t" if name.endswith((".tsv", ".tsv.gz", ".inter")) else ","
             table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+            if name.endswith(".inter"):  # RecBole atomic file: headers are name:type
+                table = table.rename_columns([c.split(":", 1)[0] for c in table.column_names])
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
         raise InteractionLogError(f"{path}: cannot read as {'Parquet' if name.endswith(('.parquet', '.pq')) else 'CSV'}: {e}") from None
     missing = [c for c in REQUIRED if c not in table.column_names]
@@ -242,24 +250,29 @@ def import_interactions(path, cfg: ImportConfig, out_dir=None) -> dict:
         raise InteractionLogError(f"{path}: min_rating={cfg.min_rating} needs a 'rating' column")
     cat_col = next((c for c in CATEGORY_COLUMNS if c in df.columns), None)
 
-    # Dense ids in sorted raw-id order.
-    users_raw, uid_all = np.unique(raw_user, return_inverse=True)
-    items_raw, iid_all = np.unique(raw_item, return_inverse=True)
-    n_items = len(items_raw)
-    if n_items >= 2**31:
-        raise InteractionLogError(f"{path}: too many items for int32 ids")
+    # Ids through the persistent maps: known raw ids keep theirs, new ones come after.
+    users_log, u_inv = np.unique(raw_user, return_inverse=True)
+    items_log, i_inv = np.unique(raw_item, return_inverse=True)
     if cat_col is None:
-        item_category = _stable_hash(items_raw, 64)
+        log_category = _stable_hash(items_log, NUM_CATEGORIES)
     else:
         cat_raw = df[cat_col].to_numpy()
-        first_row = np.zeros(n_items, dtype=np.int64)
-        first_row[iid_all[::-1]] = np.arange(len(df))[::-1]
+        first_row = np.zeros(len(items_log), dtype=np.int64)
+        first_row[i_inv[::-1]] = np.arange(len(df))[::-1]
         cats = cat_raw[first_row]
         num = pd.to_numeric(pd.Series(cats), errors="coerce").to_numpy()
-        direct = np.isfinite(num) & (num == np.floor(num)) & (num >= 0) & (num < 64)
-        item_category = np.where(direct, np.nan_to_num(num).astype(np.int64), _stable_hash(cats, 64))
-    user_segment = _stable_hash(users_raw, 16, "segment:")
-    user_country = _stable_hash(users_raw, 64, "country:")
+        direct = np.isfinite(num) & (num == np.floor(num)) & (num >= 0) & (num < NUM_CATEGORIES)
+        log_category = np.where(direct, np.nan_to_num(num).astype(np.int64), _stable_hash(cats, NUM_CATEGORIES))
+    out_root = landing_root(out_dir)
+    map_root = out_root / MAPPINGS_DIR
+    with idmap.locked(map_root):
+        users_raw, item_table, mapping = _extend_maps(map_root, path, users_log, items_log, log_category)
+        uid_all = _ids_of(map_root, "users", users_log, path)[u_inv]
+        iid_all = _ids_of(map_root, "items", items_log, path)[i_inv]
+    item_category = item_table.column("item_category").to_numpy()
+    n_items = len(item_category)
+    user_segment = _stable_hash(users_raw, NUM_SEGMENTS, "segment:")
+    user_country = _stable_hash(users_raw, NUM_COUNTRIES, "country:")
 
     # Sort by (user, time, file order) and cut sessions.
     order = np.lexsort((np.arange(len(df)), ts_all, uid_all))
@@ -302,7 +315,6 @@ def import_interactions(path, cfg: ImportConfig, out_dir=None) -> dict:
     start_ts = ts[s_start]
     day_all = np.floor(start_ts / 86400.0).astype(np.int64)
     inter_day = np.floor(ts / 86400.0).astype(np.int64)
-    out_root = landing_root(out_dir)
     rng_base = cfg.seed
 
     # Item statistics over time (interactions in time order).
@@ -436,7 +448,7 @@ def import_interactions(path, cfg: ImportConfig, out_dir=None) -> dict:
             item_dense,
             pa.array(row_pos[ro]),
             pa.array(row_label[ro]),
-        ], schema=IMPRESSIONS_SCHEMA)
+        ], schema=landing_schema(n_items))
 
         date = (EPOCH + dt.timedelta(days=int(day))).isoformat()
         target = out_root / f"date={date}"
@@ -456,7 +468,6 @@ def import_interactions(path, cfg: ImportConfig, out_dir=None) -> dict:
         total_pos += int(row_label.sum())
         users_out.update(np.unique(req_user).tolist())
 
-    mapping = _write_mappings(out_root, users_raw, items_raw, item_category)
     return {
         "source": str(path),
         "dates": dates,
@@ -464,35 +475,61 @@ def import_interactions(path, cfg: ImportConfig, out_dir=None) -> dict:
         "rows": int(total_rows),
         "requests": int(len(sess_ids)),
         "users": len(users_out),
-        "items": int(n_items),
+        "items": int(n_items),  # the catalog size: the item map's size
+        "items_in_log": int(len(items_log)),
+        "users_in_map": int(len(users_raw)),
         "interactions": int(n),
         "sessions": int(len(s_start)),
         "skipped_sessions": int(len(s_start) - len(sess_ids)),
-        "users_in_log": int(len(users_raw)),
+        "users_in_log": int(len(users_log)),
         "label_rate": round(total_pos / total_rows, 6) if total_rows else 0.0,
         "mappings": mapping,
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
 
-def _write_mappings(root: Path, users_raw, items_raw, item_category) -> dict:
-    d = root / MAPPINGS_DIR
-    d.mkdir(parents=True, exist_ok=True)
-
-    def raw_array(v):
-        return pa.array(v.astype(np.int64)) if v.dtype != object else pa.array([str(x) for x in v], pa.string())
-
+def _extend_maps(root: Path, source: Path, users_log: np.ndarray, items_log: np.ndarray,
+                 log_category: np.ndarray) -> tuple[np.ndarray, pa.Table, dict]:
+    """Extend the persisted maps with this log's new raw ids (the caller holds the lock).
+    Returns (every raw user id, in user_id order; the item table in item_id order; paths)."""
     out = {}
-    for name, table in (
-        ("users", pa.table({"raw_user_id": raw_array(users_raw),
-                            "user_id": pa.array(np.arange(len(users_raw), dtype=np.int64))})),
-        ("items", pa.table({"raw_item_id": raw_array(items_raw),
-                            "item_id": pa.array(np.arange(len(items_raw), dtype=np.int32)),
-                            "item_category": pa.array(np.asarray(item_category, dtype=np.int32))})),
-    ):
-        p = d / f"{name}.parquet"
-        tmp = d / f".{name}.parquet.tmp-{os.getpid()}"
-        pq.write_table(table, tmp)
-        os.replace(tmp, p)
-        out[name] = str(p)
-    return out
+    users = idmap.load(root, "users")
+    ids, new = idmap.assign(users, users_log, "users", source)
+    old_raw = users["raw_user_id"].to_numpy() if users is not None else users_log[:0]
+    old_ids = users["user_id"].to_numpy(np.int64) if users is not None else np.empty(0, np.int64)
+    raw_all = np.concatenate([old_raw, users_log[new]]) if users is not None else users_log
+    ids_all = np.concatenate([old_ids, ids[new]])
+    o = np.argsort(ids_all, kind="stable")
+    if not np.array_equal(ids_all[o], np.arange(len(o))):
+        raise InputError(f"{idmap.map_path(root, 'users')}: user ids are not 0..{len(o) - 1}: the map was edited")
+    users_raw = np.asarray(raw_all, dtype=object if users_log.dtype == object else np.int64)[o]
+    out["users"] = idmap.write(root, "users", pa.table({"raw_user_id": idmap.raw_array(users_raw),
+                                                        "user_id": pa.array(np.arange(len(o), dtype=np.int64))}))
+
+    items = idmap.load(root, "items")
+    ids, new = idmap.assign(items, items_log, "items", source)
+    if items is not None:
+        raw_all = np.concatenate([items["raw_item_id"].to_numpy(), items_log[new]])
+        ids_all = np.concatenate([items["item_id"].to_numpy(np.int64), ids[new]])
+        # a known item keeps the category it was first imported with
+        cat_all = np.concatenate([items["item_category"].to_numpy(np.int64), log_category[new]])
+    else:
+        raw_all, ids_all, cat_all = items_log, ids, log_category
+    if len(ids_all) >= 2**31:
+        raise InteractionLogError(f"{source}: too many items for int32 ids")
+    o = np.argsort(ids_all, kind="stable")
+    if not np.array_equal(ids_all[o], np.arange(len(o))):
+        raise InputError(f"{idmap.map_path(root, 'items')}: item ids are not 0..{len(o) - 1}: the map was edited")
+    item_table = pa.table({"raw_item_id": idmap.raw_array(np.asarray(raw_all, dtype=object if items_log.dtype == object
+                                                                     else np.int64)[o]),
+                           "item_id": pa.array(np.arange(len(o), dtype=np.int32)),
+                           "item_category": pa.array(np.asarray(cat_all, dtype=np.int32)[o])})
+    out["items"] = idmap.write(root, "items", item_table)
+    return users_raw, item_table, out
+
+
+def _ids_of(root: Path, kind: str, raw_unique: np.ndarray, source: Path) -> np.ndarray:
+    """The (just persisted) ids of this log's raw ids."""
+    ids, new = idmap.assign(idmap.load(root, kind), raw_unique, kind, source)
+    assert not new.any(), f"{kind}: raw ids missing from the map just written"
+    return ids

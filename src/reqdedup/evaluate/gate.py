@@ -2,10 +2,12 @@
 
 Two checks, both needed for `champion`:
 
-1. **IID gate** (the recipe): the mean over seeds of `sorted_fixed` is within a relative
-   tolerance of the mean over seeds of `iid` on every gate metric (default AUC and recall@K,
-   0.5%): ``cand >= iid * (1 - tol)`` for higher-is-better metrics, ``cand <= iid * (1 + tol)``
-   for log loss.
+1. **IID gate** (the recipe), a non-inferiority test on the interval: for every gate metric
+   (default AUC and recall@K, 0.5%) the 95% interval of the relative change of `sorted_fixed`
+   against `iid` (``summary["aggregate"]["intervals"]``, from
+   `reqdedup.evaluate.metrics.relative_change_interval`: paired request bootstrap + seed
+   spread) lies above ``-tolerance`` (below ``+tolerance`` for log loss). A summary without
+   an interval for a gate metric is refused: a mean alone cannot support the claim.
 2. **Champion check** (the model): the registered checkpoint's own metrics (the chosen seed's
    run) beat the current champion's on the same evaluation set: no gate metric worse and at
    least one strictly better. A champion evaluated on a different eval set (or holding no
@@ -18,10 +20,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from reqdedup.evaluate.metrics import higher_is_better
+from reqdedup.contract import BASELINE_CONFIG, CANDIDATE_CONFIG
+from reqdedup.evaluate.metrics import higher_is_better, non_inferior
 
-BASELINE = "iid"
-CANDIDATE = "sorted_fixed"
+BASELINE = BASELINE_CONFIG
+CANDIDATE = CANDIDATE_CONFIG
 
 
 @dataclass
@@ -98,15 +101,24 @@ def decide(summary: dict, *, tolerance: float, metrics: list[str], model_metrics
         d.reasons.append(f"evaluation status is {summary.get('status')!r}, not 'succeeded'")
         return d
     cand, base = config_means(summary, CANDIDATE), config_means(summary, BASELINE)
+    intervals = (summary.get("aggregate", {}).get("intervals") or {}).get(CANDIDATE, {})
     for m in metrics:
-        c, b = cand.get(m), base.get(m)
-        ok = within_tolerance(c, b, tolerance, m)
-        rel = (c - b) / abs(b) if _ok(c) and _ok(b) and b else float("nan")
-        detail = (f"{CANDIDATE} mean {c:.5f} vs {BASELINE} mean {b:.5f} ({100 * rel:+.3f}%), "
-                  f"tolerance {100 * tolerance:.3g}% relative") if _ok(c) and _ok(b) else f"missing value ({c}, {b})"
-        d.checks.append({"check": f"within tolerance of {BASELINE} on {m}", "metric": m, "passed": ok, "detail": detail})
+        c, b, iv = cand.get(m), base.get(m), intervals.get(m)
+        if not iv:
+            ok = False
+            detail = (f"no interval of the change against {BASELINE} on {m} in the summary (means "
+                      f"{c} vs {b}): a mean alone cannot show non-inferiority")
+        else:
+            ok = non_inferior(iv, tolerance, m)
+            bound = "lower" if higher_is_better(m) is not False else "upper"
+            detail = (f"{CANDIDATE} mean {c:.5f} vs {BASELINE} mean {b:.5f}: change {100 * iv['point']:+.3f}%, "
+                      f"{100 * iv.get('level', 0.95):.0f}% interval [{100 * iv['low']:+.3f}%, {100 * iv['high']:+.3f}%] "
+                      f"over {iv.get('n_seeds')} seeds; non-inferiority needs the {bound} bound "
+                      f"{'>=' if bound == 'lower' else '<='} {'-' if bound == 'lower' else '+'}{100 * tolerance:.3g}%")
+        d.checks.append({"check": f"non-inferior to {BASELINE} on {m}", "metric": m, "passed": ok, "detail": detail})
         if not ok:
-            d.reasons.append(f"{CANDIDATE} is not within {100 * tolerance:.3g}% of {BASELINE} on {m}: {detail}")
+            d.reasons.append(f"{CANDIDATE} is not shown non-inferior to {BASELINE} within {100 * tolerance:.3g}% "
+                             f"on {m}: {detail}")
     if champion is None:
         d.notes.append("no current champion: the IID gate decides alone")
     elif champion.get("eval_set_id") != summary.get("eval_set_id") or not champion.get("metrics"):

@@ -46,22 +46,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from reqdedup.config import Settings, get_settings
+from reqdedup.contract import BASELINE_CONFIG, CANDIDATE_CONFIG
 from reqdedup.errors import InputError
 
 # What each config changes; everything else is shared by the whole matrix.
 CONFIGS: dict[str, dict] = {
     # today's row-level practice: rows shuffled, user tower run per row, plain BN,
     # in-batch negatives filtered by item id only ("accidental hits", as TFRS does)
-    "iid": {"order": "iid", "user_encoding": "per_row", "sync_bn": False, "mask_same_user": False},
-    # request-sorted + request-level dedup, no fix
-    "sorted_naive": {"order": "sorted", "user_encoding": "dedup", "sync_bn": False, "mask_same_user": False},
-    "sorted_syncbn": {"order": "sorted", "user_encoding": "dedup", "sync_bn": True, "mask_same_user": False},
-    "sorted_masked": {"order": "sorted", "user_encoding": "dedup", "sync_bn": False, "mask_same_user": True},
-    "sorted_fixed": {"order": "sorted", "user_encoding": "dedup", "sync_bn": True, "mask_same_user": True},
+    BASELINE_CONFIG: {"order": "iid", "user_encoding": "per_row", "sync_bn": False, "mask_same_user": False},
+    # request-level + dedup, no fix ("request_level": the matrix's data.sorted_order)
+    "sorted_naive": {"order": "request_level", "user_encoding": "dedup", "sync_bn": False, "mask_same_user": False},
+    "sorted_syncbn": {"order": "request_level", "user_encoding": "dedup", "sync_bn": True, "mask_same_user": False},
+    "sorted_masked": {"order": "request_level", "user_encoding": "dedup", "sync_bn": False, "mask_same_user": True},
+    CANDIDATE_CONFIG: {"order": "request_level", "user_encoding": "dedup", "sync_bn": True, "mask_same_user": True},
 }
-BASELINE = "iid"
-CANDIDATE = "sorted_fixed"
-PROCESS_TRAIN_KEYS = ("epochs", "lr", "weight_decay", "temperature", "retrieval_weight", "mixed_precision")
+BASELINE = BASELINE_CONFIG
+CANDIDATE = CANDIDATE_CONFIG
+PROCESS_TRAIN_KEYS = ("epochs", "lr", "weight_decay", "temperature", "retrieval_weight", "mixed_precision", "logq",
+                      "logq_alpha", "mixed_negatives")
 
 
 @dataclass
@@ -72,9 +74,16 @@ class MatrixData:
     eval_end: str = ""
     buckets: list[int] | None = None
     batch_rows: int = 1024
-    # order of the request-level configs: "sorted" (the table's order, the same every epoch)
-    # or "block_shuffled" (whole requests, request order shuffled each epoch); see docs
-    sorted_order: str = "sorted"
+    # order of the request-level configs: "request_shuffle" (whole requests shuffled in a
+    # buffer of buffer_requests, null: all) or "table" (the table's order, every epoch the
+    # same); the old names sorted / block_shuffled still work; see docs/evaluation.md
+    sorted_order: str = "request_shuffle"
+    buffer_requests: int | None = 4096
+    buffer_rows: int | None = None  # the iid baseline's row buffer (null: a full shuffle)
+    streams: int = 8
+    workers: int = 1
+    # side-table value columns every config trains and is evaluated with (docs/quality-and-features.md)
+    feature_columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +91,9 @@ class EvalSpec:
     k: int = 50
     max_requests: int | None = None  # deterministic subset of eval requests (None: all)
     batch_requests: int = 256
+    bootstrap: int = 200  # paired request-bootstrap replicates of the intervals vs iid
+    curve_every_steps: int | None = None  # learning-curve points: every N steps (null: epoch ends)
+    level: float = 0.95  # interval level
 
 
 @dataclass
@@ -161,8 +173,9 @@ def parse_matrix(raw: dict, source: str = "config") -> MatrixConfig:
         raise InputError(f"{source}: the evaluation split must be LATER than the training data: "
                          f"data.eval_start ({es}) <= data.train_end ({te})")
     data.train_start, data.train_end, data.eval_start, data.eval_end = map(str, (ts, te, es, ee))
-    if data.sorted_order not in ("sorted", "block_shuffled"):
-        raise InputError(f"{source}: data.sorted_order must be 'sorted' or 'block_shuffled', got {data.sorted_order!r}")
+    if data.sorted_order not in ("table", "request_shuffle", "sorted", "block_shuffled"):
+        raise InputError(f"{source}: data.sorted_order must be 'request_shuffle' or 'table' (old names: sorted = "
+                         f"table, block_shuffled = request_shuffle with buffer_requests null), got {data.sorted_order!r}")
     if not isinstance(data.batch_rows, int) or data.batch_rows < 1:
         raise InputError(f"{source}: data.batch_rows must be an integer >= 1, got {data.batch_rows!r}")
 
@@ -201,6 +214,12 @@ def parse_matrix(raw: dict, source: str = "config") -> MatrixConfig:
         raise InputError(f"{source}: eval.max_requests must be null or an integer >= 1, got {ev.max_requests!r}")
     if not isinstance(ev.batch_requests, int) or ev.batch_requests < 1:
         raise InputError(f"{source}: eval.batch_requests must be an integer >= 1, got {ev.batch_requests!r}")
+    if ev.curve_every_steps is not None and (not isinstance(ev.curve_every_steps, int) or ev.curve_every_steps < 1):
+        raise InputError(f"{source}: eval.curve_every_steps must be null or an integer >= 1, got {ev.curve_every_steps!r}")
+    if not isinstance(ev.bootstrap, int) or isinstance(ev.bootstrap, bool) or ev.bootstrap < 2:
+        raise InputError(f"{source}: eval.bootstrap must be an integer >= 2, got {ev.bootstrap!r}")
+    if isinstance(ev.level, bool) or not isinstance(ev.level, (int, float)) or not 0 < ev.level < 1:
+        raise InputError(f"{source}: eval.level must be in (0, 1), e.g. 0.95, got {ev.level!r}")
     gate = GateSpec(**_mapping(raw.get("gate"), "gate", source, fields_of(GateSpec)))
     check_tolerance(gate.tolerance, f"{source}: gate.tolerance")
     if not isinstance(gate.metrics, list) or not gate.metrics or any(m not in GATE_METRICS for m in gate.metrics):
@@ -247,7 +266,9 @@ def train_config(cfg: MatrixConfig, config: str, seed: int, run_dir: str | Path,
         "name": f"{cfg.name}.{config}.seed{seed}",
         "data": {"train_start": cfg.data.train_start, "train_end": cfg.data.train_end, "buckets": cfg.data.buckets,
                  "order": spec["order"] if spec["order"] == "iid" else cfg.data.sorted_order,
-                 "batch_rows": cfg.data.batch_rows},
+                 "batch_rows": cfg.data.batch_rows, "buffer_requests": cfg.data.buffer_requests,
+                 "buffer_rows": cfg.data.buffer_rows, "streams": cfg.data.streams, "workers": cfg.data.workers,
+                 "feature_columns": list(cfg.data.feature_columns)},
         "model": copy.deepcopy(cfg.model),
         "train": {**cfg.train, "seed": seed, "user_encoding": spec["user_encoding"], "sync_bn": spec["sync_bn"],
                   "mask_same_user": spec["mask_same_user"], "mask_same_item": True},
@@ -339,6 +360,13 @@ def _comparable(tc) -> dict:
     d.pop("output", None)
     d.pop("mlflow", None)
     d.pop("name", None)
+    # Where the ranks run is not what they compute: only the world size enters the id, as
+    # nproc_per_node of one node (so a one-node config keeps the id it had before the
+    # multi-node keys existed, and 2 nodes x 1 process is the evaluation of 1 node x 2).
+    dist = d.get("dist") or {}
+    dist.pop("node_rank", None)
+    dist.pop("rdzv_endpoint", None)
+    dist["nproc_per_node"] = dist.get("nproc_per_node", 1) * dist.pop("nnodes", 1)
     return d
 
 
@@ -361,9 +389,37 @@ def _parent_run(client, exp_id: str, cfg: MatrixConfig, eval_id: str, tags: dict
     return run.info.run_id
 
 
-def torchrun_command(plan_path: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+def torchrun_command(plan_path: Path, nproc: int, dist: dict | None = None, rdzv_id: str = "reqdedup") -> list[str]:
+    from reqdedup.train.launch import torchrun_args
+
+    return [sys.executable, "-m", "torch.distributed.run", *torchrun_args(dist or {}, nproc, rdzv_id),
             "-m", "reqdedup.evaluate.matrix_worker", "--plan", str(plan_path)]
+
+
+def _join_as_other_node(cfg: MatrixConfig, settings: Settings, extra_env: dict | None, plan_wait_s: float) -> dict:
+    """dist.node_rank > 0: run this node's torchrun processes on the plan node 0 wrote (the
+    MLflow parent run, the report and the summary are node 0's)."""
+    from reqdedup.train.launch import rdzv_id_of
+
+    train_fp = data_fingerprint(cfg.data.train_start, cfg.data.train_end, cfg.data.buckets, settings, "training")
+    eval_fp = data_fingerprint(cfg.data.eval_start, cfg.data.eval_end, cfg.data.buckets, settings, "evaluation")
+    eval_id = evaluation_id(cfg, train_fp, eval_fp)
+    plan_path = settings.checkpoints_dir / "evaluation" / eval_id / "plan.json"
+    deadline = time.monotonic() + plan_wait_s
+    while not plan_path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"evaluation {cfg.name} ({eval_id}), node {cfg.dist['node_rank']}: node 0 wrote no "
+                               f"{plan_path} within {plan_wait_s:.0f} s (is checkpoints_dir shared by the nodes?)")
+        time.sleep(0.5)
+    nproc = int(cfg.dist.get("nproc_per_node", 2))
+    env = {**os.environ, **settings.as_env(), **(extra_env or {})}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    proc = subprocess.run(torchrun_command(plan_path, nproc, cfg.dist, rdzv_id_of("evaluate", eval_id)), env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluation {cfg.name} ({eval_id}), node {cfg.dist['node_rank']}: torchrun exited with "
+                           f"{proc.returncode} (the log is above)")
+    return {"evaluation_id": eval_id, "node_rank": cfg.dist["node_rank"], "nnodes": cfg.dist["nnodes"],
+            "status": "joined"}
 
 
 def report_dir_default(settings: Settings) -> Path:
@@ -371,15 +427,21 @@ def report_dir_default(settings: Settings) -> Path:
 
 
 def run_evaluation(config: str | Path | MatrixConfig, settings: Settings | None = None, *, overrides=None,
-                   retrain: bool = False, report_dir: str | Path | None = None, extra_env: dict | None = None) -> dict:
+                   retrain: bool = False, report_dir: str | Path | None = None, extra_env: dict | None = None,
+                   plan_wait_s: float = 900.0) -> dict:
     """Train and evaluate the whole matrix (one torchrun launch), write the report, log it to
     MLflow; returns the summary. A failure leaves a summary with status 'failed' (so
-    `register` refuses it) and raises."""
+    `register` refuses it) and raises. With ``dist.nnodes > 1`` every node calls this with its
+    own ``dist.node_rank``: node 0 does all of the above, the others wait (``plan_wait_s``) for
+    node 0's plan in the shared checkpoints folder and join its torchrun rendezvous."""
     from reqdedup.evaluate import report as report_mod
     from reqdedup.registry.tracking import init_tracking
+    from reqdedup.train.launch import rdzv_id_of
 
     settings = settings or get_settings()
     cfg = config if isinstance(config, MatrixConfig) else load_matrix(config, overrides)
+    if int(cfg.dist.get("node_rank", 0)) > 0:
+        return _join_as_other_node(cfg, settings, extra_env, plan_wait_s)
     out_dir = Path(report_dir) if report_dir else report_dir_default(settings)
     t0 = time.perf_counter()
 
@@ -433,7 +495,7 @@ def run_evaluation(config: str | Path | MatrixConfig, settings: Settings | None 
           f"evaluation {eval_id}, " + (f"MLflow parent run {parent_id}" if client else "MLflow off (report files only)"),
           flush=True)
     t_launch = time.perf_counter()
-    proc = subprocess.run(torchrun_command(plan_path, nproc), env=env)
+    proc = subprocess.run(torchrun_command(plan_path, nproc, cfg.dist, rdzv_id_of("evaluate", eval_id)), env=env)
     launch_seconds = time.perf_counter() - t_launch
     base_summary = {"evaluation_id": eval_id, "eval_set_id": eval_set_id, "name": cfg.name, "parent_run_id": parent_id,
                     "experiment_id": exp_id, "tracking_uri": settings.mlflow_tracking_uri, "config": cfg.to_dict(),
@@ -458,7 +520,8 @@ def run_evaluation(config: str | Path | MatrixConfig, settings: Settings | None 
         raise RuntimeError(f"evaluation {cfg.name} ({eval_id}) failed: {summary['error']} (the log is above); "
                            f"nothing can be registered from it")
     summary = {**base_summary, "status": "succeeded", "runs": results, "pool_items": results[0].get("pool_items"),
-               "aggregate": report_mod.aggregate(results, cfg.configs), "gate": {
+               "aggregate": report_mod.add_intervals(report_mod.aggregate(results, cfg.configs), results,
+                                                     n_boot=cfg.eval.bootstrap, level=cfg.eval.level), "gate": {
                    "tolerance": cfg.gate.tolerance, "metrics": cfg.gate_metrics()},
                "timing": {"torchrun_seconds": round(launch_seconds, 1),
                           "total_seconds": round(time.perf_counter() - t0, 1)}}

@@ -7,8 +7,8 @@ alone) and evaluates the final model on the held-out split, sharded by request a
 Rank 0 gathers the shards, writes ``<run_dir>/eval.json`` and logs the metrics to the run's
 nested MLflow run.
 
-The lake is read once per process: the training loader of every run goes through a cache
-keyed by (dates, buckets), and the evaluation batches are built once.
+Every run streams its training data through the request-level reader
+(`reqdedup.train.reader`); the evaluation batches are built once per process.
 """
 
 from __future__ import annotations
@@ -34,54 +34,29 @@ FAIL_CONFIG_ENV = "REQDEDUP_EVAL_FAIL_CONFIG"
 
 
 # ---------------------------------------------------------------------------------------
-# one read of the lake per process
-# ---------------------------------------------------------------------------------------
-def install_loader_cache() -> None:
-    """Memoize `RequestLoader.from_lake`'s Arrow read: every run of the matrix trains on the
-    same rows (only order/seed differ), so read them once per process."""
-    import pyarrow as pa
-
-    from reqdedup.train import loader as loader_mod
-
-    cls = loader_mod.RequestLoader
-    if getattr(cls, "_reqdedup_eval_cache", None) is not None:
-        return
-    cache: dict = {}
-
-    def from_lake(klass, start, end, *, buckets=None, settings=None, **kwargs):
-        key = (str(start), str(end), None if buckets is None else tuple(buckets))
-        if key not in cache:
-            from reqdedup.lake.read import read_request_batches
-
-            batches = list(read_request_batches(start, end, buckets=buckets, columns=list(loader_mod.TRAIN_COLUMNS),
-                                                batch_rows=65536, settings=settings))
-            if not batches:
-                from reqdedup.errors import InputError
-
-                raise InputError(f"no rows in the impressions table for {start}..{end}")
-            cache[key] = pa.Table.from_batches(batches)
-        return klass(cache[key], **kwargs)
-
-    cls._reqdedup_eval_cache = cache
-    cls.from_lake = classmethod(from_lake)
-
-
-# ---------------------------------------------------------------------------------------
 # evaluation data
 # ---------------------------------------------------------------------------------------
 class EvalData:
     """This rank's share of the eval requests as RequestBatches, plus the candidate pool
     (every distinct item of the whole eval split, with its features)."""
 
-    def __init__(self, spec: dict, settings, seq_len: int, rank: int, world: int):
+    def __init__(self, spec: dict, settings, seq_len: int, rank: int, world: int,
+                 feature_columns: list[str] | tuple = ()):
         import pyarrow as pa
 
-        from reqdedup.lake.read import read_request_batches
         from reqdedup.train.loader import TRAIN_COLUMNS, arrow_to_request_batch, request_blocks
 
-        table = pa.Table.from_batches(list(read_request_batches(
-            spec["start"], spec["end"], buckets=spec.get("buckets"), columns=list(TRAIN_COLUMNS),
-            batch_rows=262144, settings=settings)))
+        read = dict(buckets=spec.get("buckets"), columns=list(TRAIN_COLUMNS), batch_rows=262144, settings=settings)
+        if feature_columns:  # the model was trained with side-table columns: the eval rows carry them too
+            from reqdedup.lake.features import read_request_batches_with_features, resolve_feature_columns
+
+            tables = [feature.name for feature, _ in resolve_feature_columns(feature_columns, settings)]
+            batches = read_request_batches_with_features(spec["start"], spec["end"], features=tables, **read)
+        else:
+            from reqdedup.lake.read import read_request_batches
+
+            batches = read_request_batches(spec["start"], spec["end"], **read)
+        table = pa.Table.from_batches(list(batches))
         item_ids = table.column("item_id").to_numpy().astype(np.int64)
         pool_ids, first = np.unique(item_ids, return_index=True)
         first_rows = table.take(pa.array(first))
@@ -102,12 +77,18 @@ class EvalData:
         self.total_requests = int(blocks.size)
         mine = blocks[rank::world]
         self.batches = []
+        # per batch: each request's position among the evaluation's requests (0..total-1),
+        # the index the paired bootstrap resamples
+        self.batch_request_index = []
+        position = np.empty(starts.size, np.int64)
+        position[blocks] = np.arange(blocks.size)
         step = int(spec.get("batch_requests", 256))
         for i in range(0, mine.size, step):
             chunk = mine[i:i + step]
+            self.batch_request_index.append(position[chunk])
             idx = np.concatenate([np.arange(starts[b], ends[b]) for b in chunk])
             rows = table.take(pa.array(idx))
-            batch = arrow_to_request_batch(rows, seq_len, check=False)
+            batch = arrow_to_request_batch(rows, seq_len, check=False, feature_columns=feature_columns)
             self.batches.append(batch)
         self.rows = sum(b.num_rows for b in self.batches)
 
@@ -121,7 +102,7 @@ def ranks_torch(scores: torch.Tensor, target: torch.Tensor, exclude_rows: torch.
                 exclude_cols: torch.Tensor | None = None) -> torch.Tensor:
     """Same rule as `metrics.retrieval_ranks` (pessimistic ties, filtered entries left out),
     in torch and with the exclusions given as (row, col) pairs instead of a dense mask."""
-    rows = torch.arange(target.numel())
+    rows = torch.arange(target.numel(), device=scores.device)
     true = scores[rows, target]
     beats = scores >= true[:, None]
     beats[rows, target] = False
@@ -134,29 +115,38 @@ def ranks_torch(scores: torch.Tensor, target: torch.Tensor, exclude_rows: torch.
 def evaluate_shard(model, data: EvalData) -> dict:
     """Logits and labels of this rank's eval rows; ranks of its engaged (request, item) pairs
     among the pool by user_emb . item_emb (the request's other engaged items filtered out)."""
-    from reqdedup.train.dedup import expand_to_rows
-
     model.eval()
     pool_emb = model.item_tower(data.pool_item, data.pool_category, data.pool_dense)
-    logits, labels, ranks = [], [], []
-    for batch in data.batches:
-        user = model.encode_users(batch)
-        user_rows = expand_to_rows(user, batch.row_request)
-        item = model.item_tower(batch.item_id, batch.item_category, batch.item_dense)
-        logits.append(model.ranking_head(user_rows, item).float())
+    logits, labels, ranks, row_req, rank_req = [], [], [], [], []
+    index = getattr(data, "batch_request_index", None)
+    for b, batch in enumerate(data.batches):
+        scored = model.score_candidates(batch, mode="dedup")  # two-tower or crossing ranker
+        M.check_finite(scored["logit"].float(), "evaluation logits")
+        user = scored["user_emb"]
+        logits.append(scored["logit"].float())
         labels.append(batch.label)
+        where = index[b] if index is not None else np.arange(batch.num_requests)
+        row_req.append(where[batch.row_request.numpy()])
         pos = torch.nonzero(batch.label > 0.5).squeeze(1)
         if pos.numel() == 0:
             continue
         req = batch.row_request[pos]
+        rank_req.append(where[req.numpy()])
         target = pool_index(data.pool_ids, batch.item_id[pos])
         scores = user[req] @ pool_emb.T  # [P, M]
+        M.check_finite(scores, "evaluation retrieval scores (user . item)")
         # other engaged items of the same request: (query p, pool column of positive q), q != p
         same = (req[:, None] == req[None, :]) & ~torch.eye(pos.numel(), dtype=torch.bool)
         qi, qj = torch.nonzero(same, as_tuple=True)
         ranks.append(ranks_torch(scores, target, qi, target[qj]))
     return {"logits": torch.cat(logits).numpy(), "labels": torch.cat(labels).numpy(),
-            "ranks": torch.cat(ranks).numpy() if ranks else np.zeros(0, np.int64)}
+            "ranks": torch.cat(ranks).numpy() if ranks else np.zeros(0, np.int64),
+            "row_request": np.concatenate(row_req) if row_req else np.zeros(0, np.int64),
+            "rank_request": np.concatenate(rank_req) if rank_req else np.zeros(0, np.int64)}
+
+
+
+EVAL_ARRAYS = M.EVAL_ARRAYS
 
 
 def combine(parts: list[dict], k: int) -> dict:
@@ -171,13 +161,63 @@ def combine(parts: list[dict], k: int) -> dict:
     return out
 
 
-def load_model(run_dir: Path):
-    from reqdedup.train.model import ModelConfig, RecModel
+CURVE_JSON = "curve.json"
 
-    saved = torch.load(run_dir / FINAL_MODEL, map_location="cpu", weights_only=False)
-    model = RecModel(ModelConfig.from_dict(saved["model_config"]))
-    model.load_state_dict(saved["model"])
-    return model.eval()
+
+class LearningCurve:
+    """Progress hook of `train`: the eval metrics at points of training, against training rows
+    seen and training seconds. Every rank scores its shard; rank 0 combines, appends to
+    ``curve.json`` and logs MLflow step metrics (step = rows seen): ``curve.auc``,
+    ``curve.recall_at_K``, ... and ``curve.train_seconds``. Diagnostic only: nothing is
+    selected on it (the eval split is the test set)."""
+
+    def __init__(self, data: EvalData, k: int, path: Path, client, run_id: str | None, rank: int, world: int):
+        self.data, self.k, self.path, self.client, self.run_id = data, k, path, client, run_id
+        self.rank, self.world = rank, world
+        self.points: list[dict] = []
+        if rank == 0 and path.exists():  # a resumed run keeps its earlier points
+            self.points = json.loads(path.read_text())
+
+    def __call__(self, model, rows_seen: int, train_seconds: float, epoch: int) -> None:
+        device = next(model.parameters()).device
+        was = model.training
+        cpu = model if device.type == "cpu" else copy_to_cpu(model)
+        part = evaluate_shard(cpu, self.data)
+        model.train(was)
+        parts = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(parts, part)
+        else:
+            parts = [part]
+        if self.rank != 0:
+            return
+        m = combine(parts, self.k)
+        point = {"rows": int(rows_seen), "train_seconds": float(train_seconds), "epoch": int(epoch),
+                 **{key: m[key] for key in ("auc", "log_loss", f"recall@{self.k}", f"ndcg@{self.k}")}}
+        self.points = [p for p in self.points if p["rows"] < point["rows"]] + [point]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.points, indent=1))
+        os.replace(tmp, self.path)
+        if self.client is not None and self.run_id:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[
+                Metric(f"curve.{key.replace('@', '_at_')}", float(v), now, int(rows_seen))
+                for key, v in point.items() if key not in ("rows", "epoch") and v == v])
+
+
+def copy_to_cpu(model):
+    import copy
+
+    return copy.deepcopy(model).to("cpu")
+
+
+def load_model(run_dir: Path):
+    """The run's final model (`reqdedup.train.model.load_model`: weights-only load)."""
+    from reqdedup.train.model import load_model as load_checkpoint_model
+
+    return load_checkpoint_model(run_dir / FINAL_MODEL, map_location="cpu")
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,7 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     if world > 1 and not dist.is_initialized():
         backend = cfgs[0].dist.backend
         dist.init_process_group(backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo"))
-    install_loader_cache()
     client = None  # MLflow client on rank 0, unless the evaluation runs with mlflow.enabled false
     if rank == 0 and plan.get("parent_run_id"):
         from mlflow import MlflowClient
@@ -249,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = plan["eval"]
     t0 = time.perf_counter()
-    data = EvalData(spec, settings, cfgs[0].model.seq_len, rank, world)
+    data = EvalData(spec, settings, cfgs[0].model.seq_len, rank, world, feature_columns=cfgs[0].data.feature_columns)
     if rank == 0:
         print(f"[evaluate] eval split {spec['start']}..{spec['end']}: {data.total_requests} requests, "
               f"{data.pool_ids.size} pool items, read in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -269,9 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 print(f"[evaluate] {run['config']} seed {run['seed']}: reusing the trained model in {run_dir}", flush=True)
         else:
-            train_metrics = train(cfg, settings)
-            if rank == 0:  # train() on rank 0 wrote it; every rank reads the same file
-                pass
+            curve_hook = LearningCurve(data, spec["k"], run_dir / CURVE_JSON, client, run_id, rank, world)
+            train_metrics = train(cfg, settings, progress=curve_hook, progress_every_steps=spec.get("curve_every_steps"))
         if world > 1:
             dist.barrier()
         train_metrics = json.loads((run_dir / METRICS).read_text())
@@ -280,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_key = hashlib.sha256(json.dumps([plan["eval_set_id"], spec, _file_digest(run_dir / FINAL_MODEL)],
                                              sort_keys=True).encode()).hexdigest()[:16]
         cached = None
-        if plan.get("reuse", True) and (run_dir / EVAL_JSON).exists():
+        if plan.get("reuse", True) and (run_dir / EVAL_JSON).exists() and (run_dir / EVAL_ARRAYS).exists():
             prev = json.loads((run_dir / EVAL_JSON).read_text())
             if prev.get("eval_key") == eval_key:
                 cached = prev
@@ -295,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 parts = [part]
         if rank == 0:
             if cached is None:
+                M.save_eval_arrays(parts, data.total_requests, run_dir / EVAL_ARRAYS)
                 eval_metrics = combine(parts, spec["k"])
                 eval_metrics["eval_seconds"] = time.perf_counter() - t_eval
                 figures = M.training_figures(train_metrics)
@@ -305,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                           "train_wall_seconds": train_wall}
             else:
                 result = {**cached, "mlflow_run_id": run_id}
+            if (run_dir / CURVE_JSON).exists():
+                result["curve"] = json.loads((run_dir / CURVE_JSON).read_text())
             tmp = run_dir / (EVAL_JSON + ".tmp")
             tmp.write_text(json.dumps(result, indent=2))
             os.replace(tmp, run_dir / EVAL_JSON)

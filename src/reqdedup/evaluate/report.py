@@ -10,6 +10,7 @@ import math
 import shutil
 from pathlib import Path
 
+from reqdedup.contract import BASELINE_CONFIG
 from reqdedup.evaluate import metrics as M
 from reqdedup.fsutil import replace_dir_atomically, temp_dir_for
 
@@ -17,7 +18,7 @@ SUMMARY = "summary.json"
 TABLE = "report.md"
 PLOT_METRICS = "metrics_by_config.png"
 PLOT_FNR = "fnr_vs_users_per_batch.png"
-BASELINE = "iid"
+BASELINE = BASELINE_CONFIG
 
 
 def metric_names(results: list[dict]) -> list[str]:
@@ -54,6 +55,49 @@ def aggregate(results: list[dict], configs: list[str]) -> dict:
                 st["paired_rel_to_iid"] = M.seed_summary(
                     [M.relative_change(v, bv) for v, bv in zip(st["values"], b["values"])])
     return out
+
+
+def add_intervals(agg: dict, results: list[dict], *, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+    """95% intervals of the relative change against iid of every config on the eval metrics
+    (``metrics.relative_change_interval``: paired request bootstrap + seed spread), from each
+    run's saved eval arrays; seeds are paired (the seeds both configs ran). Stored under
+    ``agg["intervals"][config][metric]``, the gate's input."""
+    from reqdedup.evaluate.metrics import EVAL_ARRAYS, load_eval_arrays, relative_change_interval
+
+    names = [m for m in agg["metrics"] if m.startswith(PAIRED_METRICS)]
+    by = {(r["config"], r["seed"]): r for r in results}
+    base_seeds = {s for c, s in by if c == BASELINE}
+    arrays = {}
+
+    def load(key):
+        if key not in arrays:
+            arrays[key] = load_eval_arrays(Path(by[key]["run_dir"]) / EVAL_ARRAYS)
+        return arrays[key]
+
+    agg["intervals"] = {}
+    for c in agg["configs"]:
+        if c == BASELINE:
+            continue
+        seeds = sorted(s for cc, s in by if cc == c and s in base_seeds)
+        if not seeds:
+            continue
+        cand, base = [load((c, s)) for s in seeds], [load((BASELINE, s)) for s in seeds]
+        agg["intervals"][c] = {m: {**relative_change_interval(cand, base, m, n_boot=n_boot, level=level, seed=seed),
+                                   "seeds": seeds} for m in names}
+    return agg
+
+
+def interval_table(summary: dict) -> str:
+    agg = summary["aggregate"]
+    ivs = agg.get("intervals") or {}
+    names = [m for m in agg["metrics"] if m.startswith(PAIRED_METRICS)]
+    lines = ["| config | " + " | ".join(f"Δ {LABELS.get(m, m)} vs iid [95% interval]" for m in names) + " |",
+             "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    for c, ms in ivs.items():
+        cells = [f"{100 * ms[m]['point']:+.2f}% [{100 * ms[m]['low']:+.2f}, {100 * ms[m]['high']:+.2f}]"
+                 if m in ms else "n/a" for m in names]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 PAIRED_METRICS = ("auc", "log_loss", "recall@", "ndcg@")
@@ -148,12 +192,20 @@ def markdown_report(summary: dict) -> str:
         "",
         paired_table(summary),
         "",
+        "Relative change of the seed mean against `iid` with its 95% interval (paired bootstrap over eval "
+        "requests, the same resampled requests for both configs, plus the spread over seeds; "
+        "docs/evaluation.md). The gate promotes only when the interval's worst end is within the tolerance:",
+        "",
+        interval_table(summary),
+        "",
     ]
     if summary.get("timing"):
         lines.append(f"Wall time: torchrun {summary['timing']['torchrun_seconds']} s, "
                      f"total {summary['timing']['total_seconds']} s.")
         lines.append("")
     lines += [f"![metrics by config](plots/{PLOT_METRICS})", "", f"![FNR vs users per batch](plots/{PLOT_FNR})", ""]
+    if any(r.get("curve") for r in summary.get("runs", [])):
+        lines += [f"![learning curves](plots/{PLOT_CURVES})", ""]
     return "\n".join(lines)
 
 
@@ -218,6 +270,45 @@ def plot_fnr(summary: dict, path: Path) -> Path:
     return path
 
 
+PLOT_CURVES = "learning_curves.png"
+
+
+def plot_curves(summary: dict, path: Path) -> Path | None:
+    """Eval metrics against training rows seen and against training seconds, one line per
+    (config, seed), from each run's learning curve (None when no run has one)."""
+    runs = [r for r in summary["runs"] if r.get("curve")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = summary["config"]["eval"]["k"]
+    metrics = ["auc", f"recall@{k}"]
+    configs = list(summary["aggregate"]["configs"])
+    colors = {c: f"C{i}" for i, c in enumerate(configs)}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+    for row, m in enumerate(metrics):
+        for col, x in enumerate(("rows", "train_seconds")):
+            ax = axes[row][col]
+            seen = set()
+            for r in runs:
+                pts = sorted(r["curve"], key=lambda p: p["rows"])
+                ax.plot([p[x] for p in pts], [p[m] for p in pts], marker=".", lw=1, alpha=0.7, color=colors[r["config"]],
+                        label=r["config"] if r["config"] not in seen else None)
+                seen.add(r["config"])
+            ax.set_xlabel("training rows seen" if x == "rows" else "training seconds")
+            ax.set_ylabel(LABELS.get(m, m))
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{summary['name']}: learning curves (eval split, one line per seed)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(summary: dict, out_dir: str | Path) -> list[Path]:
     """Write report.md, plots/*.png and summary.json into a fresh folder and swap it in
     (a rerun replaces the previous report whole). Returns the final paths."""
@@ -227,13 +318,15 @@ def write_report(summary: dict, out_dir: str | Path) -> list[Path]:
         (tmp / "plots").mkdir()
         plot_metrics(summary, tmp / "plots" / PLOT_METRICS)
         plot_fnr(summary, tmp / "plots" / PLOT_FNR)
+        curves = plot_curves(summary, tmp / "plots" / PLOT_CURVES)
         (tmp / TABLE).write_text(markdown_report(summary))
         (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
         replace_dir_atomically(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return [out_dir / TABLE, out_dir / SUMMARY, out_dir / "plots" / PLOT_METRICS, out_dir / "plots" / PLOT_FNR]
+    return [out_dir / TABLE, out_dir / SUMMARY, out_dir / "plots" / PLOT_METRICS, out_dir / "plots" / PLOT_FNR] + \
+        ([out_dir / "plots" / PLOT_CURVES] if curves is not None else [])
 
 
 def write_failed(summary: dict, out_dir: str | Path) -> Path:

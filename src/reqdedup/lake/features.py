@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from reqdedup.config import Settings, get_settings
+from reqdedup.contract import parse_date
 from reqdedup.errors import InputError
 from reqdedup.lake.tables import IMPRESSIONS
 
@@ -131,6 +132,26 @@ def get_feature(name: str) -> Feature:
         raise InputError(f"unknown feature {name!r}: known features are {', '.join(sorted(FEATURES))}") from None
 
 
+def resolve_feature_columns(columns: Sequence[str], settings: Settings | None = None) -> list[tuple[Feature, list[str]]]:
+    """The side tables that hold these value columns: (feature, its columns in the given
+    order), features in first-use order. InputError naming the column and the tables (with
+    their columns) when a name is no feature's value column, or is given twice."""
+    settings = settings or get_settings()
+    owner = {c: f for f in FEATURES.values() for c in f.value_names}
+    seen, out = set(), {}
+    for col in columns:
+        if not isinstance(col, str) or col not in owner:
+            known = "; ".join(f"{settings.table(feature_table(f.name))}: {', '.join(f.value_names)}"
+                              for f in FEATURES.values())
+            raise InputError(f"feature column {col!r} is in no feature table (known tables and columns: {known})")
+        if col in seen:
+            raise InputError(f"feature column {col!r} (table {settings.table(feature_table(owner[col].name))}) "
+                             "is named twice")
+        seen.add(col)
+        out.setdefault(owner[col].name, (owner[col], []))[1].append(col)
+    return list(out.values())
+
+
 def list_features() -> list[dict]:
     return [{"name": f.name, "description": f.description, "keys": list(f.keys), "columns": f.value_names,
              "table": feature_table(f.name)} for f in FEATURES.values()]
@@ -142,12 +163,7 @@ def feature_table(name: str) -> str:
 
 def parse_range(start, end=None) -> tuple[dt.date, dt.date]:
     def one(v, what):
-        if isinstance(v, dt.date):
-            return v
-        try:
-            return dt.date.fromisoformat(str(v))
-        except ValueError:
-            raise InputError(f"{what} {v!r} is not a date of the form YYYY-MM-DD") from None
+        return parse_date(v, what)
 
     s = one(start, "--start/--date")
     e = one(end if end is not None else start, "--end")

@@ -14,13 +14,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reqdedup.config import Settings, get_settings
+from reqdedup.contract import SORT_KEYS, parse_date
 from reqdedup.errors import InputError
 from reqdedup.lake.catalog import load_table
 from reqdedup.lake.tables import IMPRESSIONS
 
 
 def _as_date(value) -> dt.date:
-    return value if isinstance(value, dt.date) else dt.date.fromisoformat(str(value))
+    return parse_date(value, "date")
 
 
 def bucket_field_position(table) -> tuple[int, int]:
@@ -118,9 +119,9 @@ def _landing_stream(start, end, buckets, columns, settings: Settings) -> Iterato
         if files:
             # The sort keys are read even when the projection leaves them out, then dropped.
             wanted = list(columns) if columns else None
-            read = None if wanted is None else list(dict.fromkeys([*wanted, "user_id", "request_id"]))
+            read = None if wanted is None else list(dict.fromkeys([*wanted, *SORT_KEYS]))
             rows = pq.read_table(files, columns=read)
-            rows = rows.sort_by([("user_id", "ascending"), ("request_id", "ascending")])
+            rows = rows.sort_by([(k, "ascending") for k in SORT_KEYS])
             yield from (rows if wanted is None else rows.select(wanted)).to_batches()
         day += dt.timedelta(days=1)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 from reqdedup.config import Settings, get_settings
+from reqdedup.contract import SORT_KEYS
 from reqdedup.errors import InputError
 from reqdedup.lake.tables import COMPRESSION_PROPERTIES, IMPRESSIONS, spark_columns_ddl
 
@@ -34,7 +35,7 @@ def create_sample_sql(settings: Settings) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS {table} (\n  {spark_columns_ddl()},\n  sample_stratum INT NOT NULL,\n"
         f"  sample_weight DOUBLE NOT NULL\n) USING iceberg\n"
         f"PARTITIONED BY (event_date, bucket({settings.buckets}, user_id))\nTBLPROPERTIES ({prop_sql})",
-        f"ALTER TABLE {table} WRITE ORDERED BY user_id, request_id",
+        f"ALTER TABLE {table} WRITE ORDERED BY {', '.join(SORT_KEYS)}",
     ]
 
 

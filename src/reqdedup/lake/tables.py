@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from reqdedup.config import Settings
+from reqdedup.contract import SORT_KEYS
 from reqdedup.schema import IMPRESSIONS_SCHEMA
 
 IMPRESSIONS = "impressions"
@@ -62,5 +63,5 @@ def create_impressions_sql(settings: Settings, name: str = IMPRESSIONS, properti
         f"TBLPROPERTIES ({prop_sql})"
     ]
     if sorted_table:
-        stmts.append(f"ALTER TABLE {table} WRITE ORDERED BY user_id, request_id")
+        stmts.append(f"ALTER TABLE {table} WRITE ORDERED BY {', '.join(SORT_KEYS)}")
     return stmts

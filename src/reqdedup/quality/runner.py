@@ -68,6 +68,22 @@ def landed_rows(settings: Settings, date: str) -> int | None:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in files)
 
 
+def landed_items(settings: Settings, date: str) -> int | None:
+    """The item catalog size of the date's landing files (their schema metadata; the
+    smallest when they differ), None if the folder is gone or the files carry none."""
+    import pyarrow.parquet as pq
+
+    from reqdedup.contract import items_from_metadata
+    from reqdedup.lake.ingest import landing_files
+
+    try:
+        files = landing_files(settings, date)
+        sizes = [items_from_metadata(pq.read_schema(p).metadata) for p in files]
+    except InputError:
+        return None
+    return None if not sizes or None in sizes else min(sizes)
+
+
 def _context(docs_dir: Path):
     import great_expectations as gx
 
@@ -168,8 +184,9 @@ def format_report(summary: dict) -> str:
 
 def validate_date(date: str, settings: Settings | None = None, *, table: str = IMPRESSIONS,
                   label_rate_min: float | None = None, label_rate_max: float | None = None,
-                  publish: bool = True) -> dict:
+                  publish: bool = True, items: int | None = None) -> dict:
     """Validate the staged snapshot of ``date``; publish it to main if every expectation holds.
+    ``items``: the item catalog size (default: the landing files' schema metadata).
 
     Returns a JSON-able summary; raises :class:`ValidationFailed` (an InputError) otherwise.
     """
@@ -190,7 +207,8 @@ def validate_date(date: str, settings: Settings | None = None, *, table: str = I
                          f"run `reqdedup ingest --date {date}` first")
     snapshot_id = int(ref.snapshot_id)
     started = time.perf_counter()
-    params = SuiteParams(date=date, rows_landed=landed_rows(settings, date), label_rate_min=low, label_rate_max=high)
+    params = SuiteParams(date=date, rows_landed=landed_rows(settings, date), label_rate_min=low, label_rate_max=high,
+                         items=items if items is not None else landed_items(settings, date))
 
     spark = get_spark(settings)
     full = settings.spark_table(table)
@@ -266,11 +284,7 @@ def validate_date(date: str, settings: Settings | None = None, *, table: str = I
         report_path.write_text(json.dumps(summary, indent=2, default=str))
         raise ValidationFailed(format_report(summary), summary)
     if publish:
-        current = load_table(table, settings).refs().get(branch)
-        if current is None or int(current.snapshot_id) != snapshot_id:
-            raise InputError(f"branch {branch} moved while {date} was validated (now "
-                             f"{None if current is None else current.snapshot_id}, validated {snapshot_id}): "
-                             "run `reqdedup validate` again")
-        summary["published"] = publish_date(date, settings, table)["published"]
+        # Exactly the audited snapshot; refused if the branch moved while it was validated.
+        summary["published"] = publish_date(date, settings, table, snapshot_id=snapshot_id)["published"]
     report_path.write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reqdedup import contract
 from reqdedup.schema import IMPRESSIONS_SCHEMA, ITEM_DENSE_DIM, USER_COLUMNS, USER_DENSE_DIM
 
 DEFAULT_LABEL_RATE_BOUNDS = (0.005, 0.5)
-KEYS_NOT_NULL = ("request_id", "user_id", "item_id", "event_date", "position", "label")
+# Every non-nullable column of the contract (not only the keys).
+KEYS_NOT_NULL = tuple(f.name for f in IMPRESSIONS_SCHEMA if not f.nullable)
 NON_NEGATIVE_IDS = ("request_id", "user_id", "item_id")
 
 # Spark SQL simple strings of the contract's Arrow types.
@@ -51,6 +53,7 @@ class SuiteParams:
     rows_landed: int | None
     label_rate_min: float = DEFAULT_LABEL_RATE_BOUNDS[0]
     label_rate_max: float = DEFAULT_LABEL_RATE_BOUNDS[1]
+    items: int | None = None  # the item catalog size (landing files' metadata); None: unknown -> refused
 
 
 def expected_spark_types() -> dict[str, str]:
@@ -95,6 +98,19 @@ def rows_expectations(params: SuiteParams) -> list:
             column=col, min_value=0, description=f"{col} >= 0.",
             meta=_meta(f"non_negative_{col}", f"negative {col} values: the id mapping of the producer is broken"),
         ))
+    for col, size in contract.VOCABULARIES.items():
+        out.append(gxe.ExpectColumnValuesToBeBetween(
+            column=col, min_value=0, max_value=size - 1, description=f"{col} in [0, {size}) (reqdedup.contract).",
+            meta=_meta(f"vocabulary_{col}", f"{col} outside its vocabulary [0, {size}): the model's embedding "
+                                            f"table has {size} rows; fix the producer's mapping"),
+        ))
+    # -1 can never hold: a date whose catalog size is unknown fails loudly instead of passing.
+    top = params.items - 1 if params.items is not None else -1
+    out.append(gxe.ExpectColumnValuesToBeBetween(
+        column="item_id", min_value=0, max_value=top, description=f"item_id below the catalog size ({params.items}).",
+        meta=_meta("item_id_in_catalog", "item ids at or above the catalog size (landing files' schema metadata "
+                                         "reqdedup.items): the model's item table is that big"),
+    ))
     out += [
         gxe.ExpectColumnValuesToBeInSet(
             column="label", value_set=[0, 1], description="label is 0 or 1.",
@@ -146,6 +162,18 @@ def requests_expectations(params: SuiteParams) -> list:
             column_A="n_rows", column_B="max_position",
             description="position < K, the request's number of candidates.",
             meta=_meta("position_below_candidates", "a position is not below the number of candidates of its request"),
+        ),
+        exactly("nonfinite_dense", 0, "dense_finite", "No NaN or infinite value in user_dense or item_dense.",
+                "NaN/inf dense features reach the loss and the metrics (a NaN recall compares false): "
+                "fix the producer's feature computation"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="history_min", min_value=0, description="History ids >= 0.",
+            meta=_meta("history_ids_non_negative", "negative item ids in user_history"),
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="history_max", max_value=(params.items - 1 if params.items is not None else -1),
+            description=f"History ids below the catalog size ({params.items}).",
+            meta=_meta("history_ids_in_catalog", "item ids in user_history at or above the catalog size"),
         ),
         exactly("user_dense_len_min", USER_DENSE_DIM, "user_dense_length_min",
                 f"user_dense has {USER_DENSE_DIM} values on every row.",
@@ -199,6 +227,13 @@ def schema_frame(spark_schema):
     })
 
 
+def _nonfinite(column: str):
+    """Spark: the number of NaN/inf values in an array<float> column, per row."""
+    from pyspark.sql import functions as F
+
+    return F.size(F.filter(column, lambda x: F.isnan(x) | (F.abs(x) == F.lit(float("inf")))))
+
+
 def requests_frame(rows_df):
     """Spark aggregate, one row per request: what the request-level invariants need."""
     from pyspark.sql import functions as F
@@ -210,6 +245,9 @@ def requests_frame(rows_df):
         F.array_sort(F.collect_set("user_id")).alias("user_ids"),
         F.countDistinct(user_block).alias("n_user_blocks"),
         F.max("position").alias("max_position"),
+        F.sum(_nonfinite("user_dense") + _nonfinite("item_dense")).alias("nonfinite_dense"),
+        F.min(F.array_min("user_history")).alias("history_min"),
+        F.max(F.array_max("user_history")).alias("history_max"),
         F.min(F.size("user_dense")).alias("user_dense_len_min"),
         F.max(F.size("user_dense")).alias("user_dense_len_max"),
         F.min(F.size("item_dense")).alias("item_dense_len_min"),
@@ -231,7 +269,7 @@ def file_order(source, batch_rows: int = 65536) -> dict:
     first_key = ""
     prev = None
     offset = 0
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=["user_id", "request_id"]):
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(contract.SORT_KEYS)):
         u = batch.column(0).to_numpy(zero_copy_only=False)
         r = batch.column(1).to_numpy(zero_copy_only=False)
         if prev is not None:

@@ -25,6 +25,12 @@ lengths, wrong types, out-of-range ids, NaN features) raises
 ``MlflowException(..., error_code=INVALID_PARAMETER_VALUE)``, which MLflow's scoring server
 answers with HTTP 400 and the message; nothing is scored.
 
+Payload limits (settings ``serve_max_requests_per_call``, ``serve_max_candidates_per_request``,
+``serve_max_history``, env ``REQDEDUP_SERVE_MAX_*``): a call past one is refused before any
+request is built or scored, with ``MlflowException(error_code=INVALID_PARAMETER_VALUE)`` ->
+HTTP 400 and a message naming the limit, its value and its variable. (MLflow's error codes map
+to no 413, so the status is 400, as for every other refused payload.)
+
 Served by MLflow's own server::
 
     mlflow models serve -m models:/reqdedup@champion --env-manager local --host 127.0.0.1
@@ -33,12 +39,15 @@ Served by MLflow's own server::
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from reqdedup.contract import ITEM_DENSE_DIM, NUM_CATEGORIES, NUM_COUNTRIES, NUM_SEGMENTS, USER_DENSE_DIM
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEVICE_ENV = "REQDEDUP_SERVE_DEVICE"  # overrides the logged model_config "device" at load time
@@ -64,8 +73,47 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-def dataframe_to_requests(model_input: Any) -> list:
-    """Turn the request-level DataFrame into `Request`s; MlflowException on a malformed frame."""
+@dataclass(frozen=True)
+class ServeLimits:
+    max_requests_per_call: int
+    max_candidates_per_request: int
+    max_history: int
+
+    @classmethod
+    def from_settings(cls, settings) -> "ServeLimits":
+        return cls(settings.serve_max_requests_per_call, settings.serve_max_candidates_per_request,
+                   settings.serve_max_history)
+
+
+def _length(value: Any) -> int:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        return 0  # not a list: the request's own checks name it
+    return len(value)
+
+
+def check_limits(model_input, limits: ServeLimits) -> None:
+    """MlflowException (HTTP 400) naming the limit when the frame is past one."""
+    def refuse(what: str, got: int, setting: str, limit: int, where: str = "") -> MlflowException:
+        return _invalid(f"payload too large: {where}{got} {what}, past the limit {setting} = {limit} "
+                        f"(REQDEDUP_{setting.upper()}); split the call or raise the limit")
+
+    if len(model_input) > limits.max_requests_per_call:
+        raise refuse("requests in one call", len(model_input), "serve_max_requests_per_call",
+                     limits.max_requests_per_call)
+    for column, setting, limit, what in (
+            ("candidate_item_id", "serve_max_candidates_per_request", limits.max_candidates_per_request, "candidates"),
+            ("user_history", "serve_max_history", limits.max_history, "history ids")):
+        lengths = [_length(v) for v in model_input[column]]
+        over = [i for i, n in enumerate(lengths) if n > limit]
+        if over:
+            i = over[0]
+            rid = model_input["request_id"].iloc[i] if "request_id" in model_input.columns else i
+            raise refuse(what, lengths[i], setting, limit, f"request {i} (request_id {rid!r}) has ")
+
+
+def dataframe_to_requests(model_input: Any, limits: ServeLimits | None = None) -> list:
+    """Turn the request-level DataFrame into `Request`s; MlflowException on a malformed frame
+    or one past the `limits`."""
     import pandas as pd
 
     from reqdedup.serve.scorer import Request
@@ -85,6 +133,8 @@ def dataframe_to_requests(model_input: Any) -> list:
                        f"{list(REQUIRED_COLUMNS)} (request_id optional)")
     if len(model_input) == 0:
         raise _invalid("input holds no requests (0 rows)")
+    if limits is not None:
+        check_limits(model_input, limits)
     has_id = "request_id" in model_input.columns
     requests = []
     for pos, row in enumerate(model_input.itertuples(index=False)):
@@ -95,7 +145,7 @@ def dataframe_to_requests(model_input: Any) -> list:
             history=row.user_history, user_dense=row.user_dense, user_segment=row.user_segment,
             user_country=row.user_country, item_id=row.candidate_item_id,
             item_category=row.candidate_item_category, item_dense=row.candidate_item_dense,
-            request_id=str(rid)))
+            request_id=str(rid), user_id=getattr(row, "user_id", None)))
     return requests
 
 
@@ -103,22 +153,29 @@ class RequestLevelModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of `RequestScorer`: one DataFrame row per request, scores per candidate."""
 
     def load_context(self, context) -> None:
+        from reqdedup.config import get_settings
         from reqdedup.serve.scorer import RequestScorer, load_model
 
+        self.limits = ServeLimits.from_settings(get_settings())
         cfg = dict(DEFAULT_MODEL_CONFIG)
         cfg.update(getattr(context, "model_config", None) or {})
         device = _resolve_device(os.environ.get(DEVICE_ENV) or str(cfg["device"]))
         model = load_model(context.artifacts[CHECKPOINT_ARTIFACT])
         self.scorer = RequestScorer(model, device, precision=str(cfg["precision"]),
                                     max_batch_requests=int(cfg["max_batch_requests"]),
-                                    max_batch_rows=int(cfg["max_batch_rows"]))
+                                    max_batch_rows=int(cfg["max_batch_rows"]),
+                                    context_cache_requests=get_settings().serve_context_cache_requests)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
         from reqdedup.serve.scorer import RequestError
 
-        requests = dataframe_to_requests(model_input)
+        if getattr(self, "limits", None) is None:  # built without load_context (tests, direct use)
+            from reqdedup.config import get_settings
+
+            self.limits = ServeLimits.from_settings(get_settings())
+        requests = dataframe_to_requests(model_input, self.limits)
         try:
             results = self.scorer.score(requests)
         except RequestError as e:
@@ -162,12 +219,12 @@ def example_requests(items: int = 100, history: int = 6, candidates: tuple[int, 
         out.append({
             "request_id": f"example-{r}",
             "user_history": [(7 * r + 3 * k) % items for k in range(history)],
-            "user_dense": [round(0.1 * (k - 4) + 0.05 * r, 3) for k in range(8)],
-            "user_segment": r % 16,
-            "user_country": (5 + r) % 64,
+            "user_dense": [round(0.1 * (k - 4) + 0.05 * r, 3) for k in range(USER_DENSE_DIM)],
+            "user_segment": r % NUM_SEGMENTS,
+            "user_country": (5 + r) % NUM_COUNTRIES,
             "candidate_item_id": [(11 * r + 13 * k + 1) % items for k in range(n)],
-            "candidate_item_category": [(r + k) % 64 for k in range(n)],
-            "candidate_item_dense": [[round(0.25 * (k + j) - 0.5, 3) for j in range(4)] for k in range(n)],
+            "candidate_item_category": [(r + k) % NUM_CATEGORIES for k in range(n)],
+            "candidate_item_dense": [[round(0.25 * (k + j) - 0.5, 3) for j in range(ITEM_DENSE_DIM)] for k in range(n)],
         })
     return out
 

@@ -10,6 +10,13 @@ candidate: one forward per batch of requests. Per candidate it returns
 - ``scores``: engagement probability, sigmoid of the ranking logit;
 - ``retrieval_scores``: the two-tower dot product user_emb . item_emb.
 
+A crossing ranker (`ModelConfig.ranking == "crossing"`) scores a batch of requests the same
+way: one context pass over the histories (each crossing layer's K/V kept) and one crossing
+pass in which every candidate attends to its own request's K/V. With
+``context_cache_requests > 0`` (setting ``serve_context_cache_requests``) the per-request
+context is also kept in a bounded LRU keyed by (user_id, history), so a user who comes back
+with the same history skips the context pass; `context_cache_stats()` reports hits/misses.
+
 `mode="per_candidate"` is the row-level baseline the benchmark compares against: the user
 inputs are copied to every candidate and the user tower runs once per candidate
 (`RecModel.forward(mode="per_row")`). Both modes compute the same function.
@@ -27,6 +34,7 @@ benchmark runs on a machine that has only Python + torch.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,7 +53,9 @@ from reqdedup.train.batch import (
     USER_DENSE_DIM,
     RequestBatch,
 )
+from reqdedup.train.crossing import ContextCache
 from reqdedup.train.model import ModelConfig, RecModel
+from reqdedup.train.model import load_model as _load_model
 
 MODES = ("request_level", "per_candidate")
 PRECISIONS = ("fp32", "bf16")
@@ -68,6 +78,7 @@ class Request:
     item_category  [n] ints in 0..63
     item_dense     [n, 4] floats (or flat, 4 per candidate)
     request_id     echoed back, optional
+    user_id        optional; with the history, the key of the context cache (crossing models)
 
     Each field may be a Python list, a tensor or a numpy array.
     """
@@ -80,6 +91,7 @@ class Request:
     item_category: Any
     item_dense: Any
     request_id: Any = None
+    user_id: Any = None
 
     @classmethod
     def from_mapping(cls, m: Mapping) -> "Request":
@@ -96,7 +108,7 @@ class Request:
             else:
                 raise RequestError(f"request is missing field {name!r}"
                                    + (f" (or {aliases[name]!r})" if name in aliases else ""))
-        return cls(**values, request_id=m.get("request_id"))
+        return cls(**values, request_id=m.get("request_id"), user_id=m.get("user_id"))
 
 
 class RequestScores(NamedTuple):
@@ -182,6 +194,7 @@ class _Checked:
     item_id: Tensor
     item_category: Tensor
     item_dense: Tensor
+    user_id: Any = None
 
     @property
     def num_candidates(self) -> int:
@@ -218,7 +231,7 @@ def _check_structure(request: Request | Mapping, index: int) -> _Checked:
     if tuple(dense.shape) != (n, ITEM_DENSE_DIM):
         raise RequestError(f"{where}: candidate_item_dense must be {n} candidates x {ITEM_DENSE_DIM} floats "
                            f"(nested, or {n * ITEM_DENSE_DIM} flat), got shape {tuple(dense.shape)}")
-    return _Checked(where, history, user_dense, segment, country, item_id, category, dense)
+    return _Checked(where, history, user_dense, segment, country, item_id, category, dense, request.user_id)
 
 
 def _range_fields(items: int) -> tuple[tuple[str, str, int], ...]:
@@ -296,6 +309,73 @@ def collate(checked: Sequence[_Checked], seq_len: int) -> RequestBatch:
     )
 
 
+# ---- context cache (crossing models) -----------------------------------------------------
+class ContextLRU:
+    """Bounded LRU of one request's context (history states + each crossing layer's K/V, on
+    the scoring device), keyed by (user_id, history). The K/V are a function of the history
+    alone; an entry also keeps the history it was computed from and a hit must match it
+    exactly, so a hash collision can never serve another history's K/V."""
+
+    def __init__(self, capacity: int):
+        if not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"context cache capacity (serve_context_cache_requests) must be an integer >= 0, "
+                             f"got {capacity!r}")
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def key(user_id: Any, history: Tensor) -> tuple:
+        return (None if user_id is None else str(user_id), int(history.shape[0]), hash(tuple(history.tolist())))
+
+    def get(self, key: tuple, history: Tensor):
+        entry = self._entries.get(key)
+        if entry is not None and torch.equal(entry[0], history):
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        return None
+
+    def put(self, key: tuple, history: Tensor, context: dict) -> None:
+        if self.capacity == 0:
+            return
+        self._entries[key] = (history, context)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def stats(self) -> dict:
+        lookups = self.hits + self.misses
+        return {"capacity": self.capacity, "size": len(self._entries), "hits": self.hits, "misses": self.misses,
+                "hit_rate": self.hits / lookups if lookups else 0.0}
+
+
+def _one_request_context(ctx: ContextCache, r: int) -> dict:
+    """Request r of a batch context, cut to its own width (>= 1 position)."""
+    w = max(1, int(ctx.history_len[r]))
+    # clones: a view would keep the whole batch's tensors alive in the cache
+    return {"hidden": ctx.hidden[r, :w].clone(), "keys": [k[r, :, :w].clone() for k in ctx.keys],
+            "values": [v[r, :, :w].clone() for v in ctx.values]}
+
+
+def _stack_contexts(parts: list[dict], history_len: Tensor, width: int) -> ContextCache:
+    """Per-request contexts -> one batch ContextCache padded to `width` (padding is masked)."""
+    def stack(tensors: list[Tensor], axis: int) -> Tensor:
+        shape = list(tensors[0].shape)
+        shape[axis] = width
+        out = tensors[0].new_zeros([len(tensors), *shape])
+        for i, t in enumerate(tensors):
+            out[i].narrow(axis, 0, t.shape[axis]).copy_(t)
+        return out
+
+    layers = len(parts[0]["keys"])
+    return ContextCache(stack([p["hidden"] for p in parts], 0),
+                        [stack([p["keys"][j] for p in parts], 1) for j in range(layers)],
+                        [stack([p["values"][j] for p in parts], 1) for j in range(layers)], history_len)
+
+
 # ---- the scorer --------------------------------------------------------------------------
 class RequestScorer:
     """Scores requests with a `RecModel`: user tower once per request, candidates against it.
@@ -306,14 +386,17 @@ class RequestScorer:
     - ``max_batch_requests`` / ``max_batch_rows``: a call with more requests is split into
       forwards of at most this many requests and candidate rows (a single request larger
       than ``max_batch_rows`` runs alone);
-    - ``mode``: default mode of `score` ("request_level" or "per_candidate").
+    - ``mode``: default mode of `score` ("request_level" or "per_candidate");
+    - ``context_cache_requests``: crossing models, request level: keep the context of up to
+      this many (user_id, history) keys in an LRU (0, the default, keeps none).
 
     The model is moved to `device` and put in eval mode (BatchNorm uses its running stats,
     dropout is off); scoring runs under `torch.inference_mode`.
     """
 
     def __init__(self, model: RecModel, device: torch.device | str = "cpu", *, precision: str = "fp32",
-                 max_batch_requests: int = 256, max_batch_rows: int = 262_144, mode: str = "request_level"):
+                 max_batch_requests: int = 256, max_batch_rows: int = 262_144, mode: str = "request_level",
+                 context_cache_requests: int = 0):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if mode not in MODES:
@@ -329,6 +412,7 @@ class RequestScorer:
         self.max_batch_requests = max_batch_requests
         self.max_batch_rows = max_batch_rows
         self.mode = mode
+        self.context_cache = ContextLRU(context_cache_requests)
 
     @classmethod
     def from_checkpoint(cls, path: str, device: torch.device | str = "cpu", **kwargs) -> "RequestScorer":
@@ -364,14 +448,46 @@ class RequestScorer:
             out.append(cur)
         return out
 
-    def forward_batch(self, batch: RequestBatch, mode: str | None = None) -> tuple[Tensor, Tensor]:
-        """(engagement probability [N], retrieval score [N]) float32 on the batch's device."""
+    def context_cache_stats(self) -> dict:
+        """Hits, misses, size and capacity of the context LRU (crossing models)."""
+        return self.context_cache.stats()
+
+    def _cached_context(self, group: Sequence[_Checked], batch: RequestBatch) -> ContextCache:
+        """The batch's context, from the LRU where a (user_id, history) was seen, the misses
+        computed in one context pass and stored."""
+        parts: list[dict | None] = []
+        keys = []
+        for c in group:
+            tail = c.history[-self.cfg.seq_len:]
+            key = ContextLRU.key(c.user_id, tail)
+            keys.append((key, tail))
+            parts.append(self.context_cache.get(key, tail))
+        missing = [i for i, p in enumerate(parts) if p is None]
+        if missing:
+            idx = torch.tensor(missing, device=batch.device)
+            computed = self.model.context(batch.history.index_select(0, idx), batch.history_len.index_select(0, idx))
+            for j, i in enumerate(missing):
+                parts[i] = _one_request_context(computed, j)
+                self.context_cache.put(*keys[i], parts[i])
+        return _stack_contexts(parts, batch.history_len, batch.seq_len)
+
+    def forward_batch(self, batch: RequestBatch, mode: str | None = None,
+                      group: Sequence[_Checked] | None = None) -> tuple[Tensor, Tensor]:
+        """(engagement probability [N], retrieval score [N]) float32 on the batch's device.
+
+        A crossing model at request level runs one context pass and one crossing pass; with a
+        context cache and the batch's checked requests (`group`) the context comes from it."""
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
         with torch.inference_mode(), ctx:
-            out = self.model(batch, mode=_MODEL_MODE[mode])
+            if (group is not None and self.context_cache.capacity > 0 and mode == "request_level"
+                    and self.cfg.ranking == "crossing"):
+                out = self.model.score_candidates(batch, "dedup", context=self._cached_context(group, batch))
+                out["retrieval_score"] = (out["user_emb_rows"] * out["item_emb"]).sum(dim=-1)
+            else:
+                out = self.model(batch, mode=_MODEL_MODE[mode])
         return torch.sigmoid(out["logit"].float()), out["retrieval_score"].float()
 
     def score(self, requests: Sequence[Request | Mapping], mode: str | None = None) -> list[RequestScores]:
@@ -380,7 +496,7 @@ class RequestScorer:
         results: list[RequestScores] = []
         for group in self.chunks(checked):
             batch = collate(group, self.cfg.seq_len).to(self.device)
-            probs, retrieval = self.forward_batch(batch, mode)
+            probs, retrieval = self.forward_batch(batch, mode, group)
             both = torch.stack([probs, retrieval]).cpu()  # one device->host copy (and sync)
             counts = [c.num_candidates for c in group]
             for p, s in zip(both[0].split(counts), both[1].split(counts)):
@@ -410,11 +526,6 @@ def _disable_mha_fastpath(model: torch.nn.Module) -> None:
 
 
 def load_model(path: str, map_location: str | torch.device = "cpu") -> RecModel:
-    """A `RecModel` from a checkpoint {"model": state_dict, "model_config": dict, ...}."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, Mapping) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a reqdedup model checkpoint (needs 'model' and 'model_config')")
-    model = RecModel(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    """A `RecModel` from a checkpoint: `reqdedup.train.model.load_model` (weights-only load)."""
+    return _load_model(path, map_location)
 

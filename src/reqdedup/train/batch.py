@@ -23,12 +23,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-# Mirrors reqdedup.schema (which imports pyarrow and cannot be imported here).
-USER_DENSE_DIM = 8
-ITEM_DENSE_DIM = 4
-NUM_SEGMENTS = 16  # user_segment in 0..15
-NUM_COUNTRIES = 64  # user_country in 0..63
-NUM_CATEGORIES = 64  # item_category in 0..63
+# The data contract (pure Python, no pyarrow): dimensions and vocabulary sizes.
+from reqdedup.contract import ITEM_DENSE_DIM, NUM_CATEGORIES, NUM_COUNTRIES, NUM_SEGMENTS, USER_DENSE_DIM  # noqa: E402,F401
 
 HISTORY_PAD = 0
 HISTORY_ID_SHIFT = 1
@@ -49,6 +45,9 @@ class RequestBatch:
     item_category [N] int64
     item_dense    [N, 4] float
     label         [N] float   1.0 engaged, 0.0 not
+    request_ids   [R] int64   request id of each request (None where the source has none)
+    dense_features [N, F] float  feature side-table values per row (data.feature_columns order;
+                              None when the config names none)
     """
 
     user_ids: Tensor
@@ -62,6 +61,8 @@ class RequestBatch:
     item_category: Tensor
     item_dense: Tensor
     label: Tensor
+    request_ids: Tensor | None = None
+    dense_features: Tensor | None = None
 
     @property
     def num_requests(self) -> int:
@@ -92,6 +93,8 @@ class RequestBatch:
         moved = {}
         for f in fields(self):
             t = getattr(self, f.name)
+            if t is None:
+                continue
             if dtype is not None and t.is_floating_point():
                 moved[f.name] = t.to(device=device, dtype=dtype, non_blocking=True)
             else:

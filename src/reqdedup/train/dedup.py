@@ -128,6 +128,7 @@ def rows_to_request_batch(
         item_category=item_category.long(),
         item_dense=item_dense.float(),
         label=label.float(),
+        request_ids=unique_ids.long(),
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from reqdedup.errors import InputError
@@ -45,11 +46,28 @@ def _int(column, dtype=np.int64) -> torch.Tensor:
     return torch.from_numpy(column.to_numpy().astype(dtype))  # a writable copy
 
 
-def arrow_to_request_batch(rows: pa.Table, seq_len: int, check: bool = True) -> RequestBatch:
+def dense_feature_tensor(rows: pa.Table, feature_columns: Sequence[str], where: str = "rows") -> torch.Tensor:
+    """[N, F] float32 of feature value columns of ``rows`` (e.g. from
+    ``reqdedup.lake.features.read_request_batches_with_features``): nulls 0, as the training
+    reader; a missing column or a non-finite value is an InputError."""
+    out = []
+    for c in feature_columns:
+        if c not in rows.column_names:
+            raise InputError(f"{where}: no feature column {c!r} (read it with the feature side tables)")
+        v = pc.fill_null(rows.column(c), 0).to_numpy().astype(np.float64)
+        if not np.isfinite(v).all():
+            raise InputError(f"{where}: feature column {c!r} holds a non-finite value")
+        out.append(v)
+    return torch.from_numpy(np.stack(out, axis=1).astype(np.float32) if out else np.zeros((rows.num_rows, 0), np.float32))
+
+
+def arrow_to_request_batch(rows: pa.Table, seq_len: int, check: bool = True,
+                           feature_columns: Sequence[str] = ()) -> RequestBatch:
     """Row-level Arrow rows of the impressions schema -> a deduplicated RequestBatch.
 
     With ``check`` a request whose rows disagree on user data raises ValueError (the
-    training core's check), never a silent pick of one row.
+    training core's check), never a silent pick of one row. With ``feature_columns`` (columns
+    of ``rows``) the batch's ``dense_features`` holds them, row for row.
     """
     from reqdedup.train.batch import ITEM_DENSE_DIM, USER_DENSE_DIM
 
@@ -57,7 +75,7 @@ def arrow_to_request_batch(rows: pa.Table, seq_len: int, check: bool = True) -> 
     values = torch.from_numpy(hist.flatten().to_numpy().astype(np.int64))
     offsets = torch.from_numpy(hist.offsets.to_numpy().astype(np.int64) - int(hist.offsets[0].as_py()))
     history, history_len = jagged_history_to_padded(values, offsets, seq_len)
-    return rows_to_request_batch(
+    batch = rows_to_request_batch(
         request_ids=_int(rows.column("request_id")),
         user_ids=_int(rows.column("user_id")),
         history=history,
@@ -71,6 +89,11 @@ def arrow_to_request_batch(rows: pa.Table, seq_len: int, check: bool = True) -> 
         label=torch.from_numpy(rows.column("label").to_numpy().astype(np.float32)),
         check=check,
     )
+    if feature_columns:
+        from dataclasses import replace
+
+        batch = replace(batch, dense_features=dense_feature_tensor(rows, feature_columns))
+    return batch
 
 
 def request_blocks(request_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -42,8 +42,16 @@ def in_batch_softmax_loss(
     mask_same_user: bool = True,
     mask_same_item: bool = True,
     log_q: Tensor | None = None,
+    extra_item_emb: Tensor | None = None,
+    extra_item_ids: Tensor | None = None,
+    extra_log_q: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Softmax over in-batch items; row i is the pair (user i, positive item i).
+
+    ``extra_item_emb`` [M, D] (optional, mixed negative sampling): M more negative columns
+    for every anchor, e.g. items drawn uniformly from the corpus; a column whose item is the
+    anchor's own positive (``extra_item_ids``) is masked; ``extra_log_q`` is their logQ
+    (subtracted like ``log_q``). The false-negative statistics stay those of the in-batch part.
 
     logits[i, j] = user_emb[i] . item_emb[j] / temperature - log_q[j]   (log_q optional)
     Masked entries (j != i, same user and/or same item as row i) are set to -inf, i.e.
@@ -76,6 +84,14 @@ def in_batch_softmax_loss(
     if mask_same_item:
         mask = mask | _off_diagonal_same(item_ids)
     logits = logits.masked_fill(mask, float("-inf"))
+
+    if extra_item_emb is not None:
+        extra = _at_least_fp32(user_emb @ extra_item_emb.T) / temperature
+        if extra_log_q is not None:  # a scalar or [M]
+            extra = extra - torch.as_tensor(extra_log_q, dtype=extra.dtype, device=extra.device)
+        if extra_item_ids is not None:
+            extra = extra.masked_fill(item_ids[:, None] == extra_item_ids[None, :], float("-inf"))
+        logits = torch.cat([logits, extra.to(logits.dtype)], dim=1)
 
     target = torch.arange(n, device=logits.device)
     loss = F.cross_entropy(logits, target)
@@ -111,6 +127,9 @@ def recommendation_losses(
     mask_same_item: bool = True,
     log_q: Tensor | None = None,
     positive_rows: Tensor | None = None,
+    extra_item_emb: Tensor | None = None,
+    extra_item_ids: Tensor | None = None,
+    extra_log_q: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Ranking BCE over all rows + in-batch softmax over the engaged (label 1) rows.
 
@@ -133,6 +152,7 @@ def recommendation_losses(
             batch.item_id.index_select(0, positive),
             temperature=temperature, mask_same_user=mask_same_user, mask_same_item=mask_same_item,
             log_q=None if log_q is None else log_q.index_select(0, positive),
+            extra_item_emb=extra_item_emb, extra_item_ids=extra_item_ids, extra_log_q=extra_log_q,
         )
     stats = {**stats, "ranking_bce": bce.detach(), "retrieval_loss": retrieval.detach()}
     return bce + retrieval_weight * retrieval, stats

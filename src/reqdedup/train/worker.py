@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from reqdedup.train.config import TrainConfig, load_config
 from reqdedup.train.losses import recommendation_losses
-from reqdedup.train.model import RecModel
+from reqdedup.train.model import RecModel, load_checkpoint
 from reqdedup.train.syncbn import convert_sync_batchnorm
 
 CHECKPOINT = "checkpoint.pt"
@@ -54,29 +54,31 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class EpochMeter:
-    """Sums over an epoch, all-reduced across ranks at its end."""
+    """Sums over an epoch, kept on the device (no host sync per step), all-reduced across
+    ranks at its end."""
 
     KEYS = ("rows", "requests", "unique_users", "batches", "loss", "ranking_bce", "retrieval_loss",
             "false_negative_rate", "fnr_batches")
 
-    def __init__(self):
-        self.sums = dict.fromkeys(self.KEYS, 0.0)
+    def __init__(self, device):
+        self.sums = torch.zeros(len(self.KEYS), dtype=torch.float64, device=device)
+        self.host = dict.fromkeys(("rows", "requests", "unique_users", "batches"), 0)
 
-    def add(self, batch, loss, stats) -> None:
-        s = self.sums
-        s["rows"] += batch.num_rows
-        s["requests"] += batch.num_requests
-        s["unique_users"] += int(batch.unique_users().numel())
-        s["batches"] += 1
-        s["loss"] += float(loss)
-        s["ranking_bce"] += float(stats["ranking_bce"])
-        s["retrieval_loss"] += float(stats["retrieval_loss"])
-        if "false_negative_rate" in stats:
-            s["false_negative_rate"] += float(stats["false_negative_rate"])
-            s["fnr_batches"] += 1
+    def add(self, batch, unique_users: int, loss, stats) -> None:
+        h = self.host
+        h["rows"] += batch.num_rows
+        h["requests"] += batch.num_requests
+        h["unique_users"] += unique_users
+        h["batches"] += 1
+        parts = [loss, stats["ranking_bce"], stats["retrieval_loss"]]
+        fnr = stats.get("false_negative_rate")
+        parts += [fnr, torch.ones((), device=loss.device)] if fnr is not None else [torch.zeros((), device=loss.device)] * 2
+        self.sums[4:] += torch.stack([torch.as_tensor(p, device=loss.device).detach().double().reshape(()) for p in parts])
 
     def reduce(self, device) -> dict:
-        values = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        values = self.sums.clone()
+        for i, k in enumerate(self.KEYS[:4]):
+            values[i] = float(self.host[k])
         if dist.is_initialized():
             dist.all_reduce(values)
         total = dict(zip(self.KEYS, values.tolist()))
@@ -92,17 +94,67 @@ class EpochMeter:
         }
 
 
-def check_item_ids_fit(rows, items: int) -> None:
+def check_item_ids_fit(max_item_id: int, items: int) -> None:
     """Item ids index the embedding tables: refuse data the model cannot embed."""
-    import pyarrow.compute as pc
-
     from reqdedup.errors import InputError
 
-    biggest = max(pc.max(rows.column("item_id")).as_py() or 0,
-                  pc.max(pc.list_flatten(rows.column("user_history"))).as_py() or 0)
-    if biggest >= items:
-        raise InputError(f"the data holds item id {biggest} but model.items = {items}: "
-                         f"set model.items to at least {biggest + 1} (the catalog size)")
+    if max_item_id >= items:
+        raise InputError(f"the data holds item id {max_item_id} but model.items = {items}: "
+                         f"set model.items to at least {max_item_id + 1} (the catalog size)")
+
+
+def reader_spec(cfg: TrainConfig):
+    """The request-level reader's settings of a training config (its data section)."""
+    from reqdedup.train.reader import ReaderSpec
+
+    d = cfg.data
+    return ReaderSpec(order=d.order, batch_rows=d.batch_rows, seq_len=cfg.model.seq_len, seed=cfg.train.seed,
+                      buffer_requests=d.buffer_requests, buffer_rows=d.buffer_rows, streams=d.streams,
+                      workers=d.workers, prefetch_batches=d.prefetch_batches,
+                      feature_columns=tuple(d.feature_columns))
+
+
+class Negatives:
+    """The run's logQ estimate and mixed-negative pool (train.logq / train.mixed_negatives),
+    updated with every batch this rank trains on."""
+
+    def __init__(self, cfg: TrainConfig, device, seed: int):
+        from reqdedup.train.batch import ITEM_DENSE_DIM
+        from reqdedup.train.negatives import StreamingFrequency, UniformItemPool
+
+        t, items = cfg.train, cfg.model.items
+        self.freq = StreamingFrequency(items, t.logq_alpha, device) if t.logq else None
+        self.pool = UniformItemPool(items, ITEM_DENSE_DIM, device) if t.mixed_negatives else None
+        self.m = t.mixed_negatives
+        self.gen = torch.Generator().manual_seed(10_000 + seed)
+
+    def loss_kwargs(self, model, batch) -> dict:
+        kw = {}
+        if self.freq is not None:
+            self.freq.update(batch.item_id[batch.label > 0.5])
+            kw["log_q"] = self.freq.log_q(batch.item_id)
+        if self.pool is not None:
+            self.pool.add(batch.item_id, batch.item_category, batch.item_dense)
+            ids, cat, dense, lq = self.pool.sample(self.m, self.gen)
+            kw.update(extra_item_emb=unwrap(model).item_tower(ids, cat, dense), extra_item_ids=ids,
+                      extra_log_q=lq if self.freq is not None else None)
+        return kw
+
+
+def train_step(model, optimizer, batch, cfg: TrainConfig, amp: bool, negatives: Negatives | None = None):
+    """One optimizer step on a batch already on the device; (detached loss, loss stats)."""
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(batch, mode=cfg.train.user_encoding)
+        extra = negatives.loss_kwargs(model, batch) if negatives is not None else {}
+        if "extra_item_emb" in extra:
+            extra["extra_item_emb"] = extra["extra_item_emb"].to(outputs["item_emb"].dtype)
+        loss, stats = recommendation_losses(
+            outputs, batch, retrieval_weight=cfg.train.retrieval_weight, temperature=cfg.train.temperature,
+            mask_same_user=cfg.train.mask_same_user, mask_same_item=cfg.train.mask_same_item, **extra)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), stats
 
 
 def _mlflow_run(cfg: TrainConfig, settings, run_dir: Path):
@@ -121,7 +173,12 @@ def _mlflow_run(cfg: TrainConfig, settings, run_dir: Path):
     return run
 
 
-def train(cfg: TrainConfig, settings) -> dict:
+def train(cfg: TrainConfig, settings, progress=None, progress_every_steps: int | None = None) -> dict:
+    """Train one run. ``progress(model, rows_seen, train_seconds, epoch)``, if given, is
+    called on every rank (the evaluation matrix's learning curves) every
+    ``progress_every_steps`` steps (None: at every epoch end only) and at every epoch end,
+    with the unwrapped model; ``rows_seen`` = training rows over all ranks so far,
+    ``train_seconds`` = training time so far (the callback's own time not included)."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -137,14 +194,12 @@ def train(cfg: TrainConfig, settings) -> dict:
     run_dir = cfg.run_dir(settings)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    from reqdedup.train.loader import RequestLoader
+    from reqdedup.train.reader import RequestReader, max_item_id, plan
 
-    loader = RequestLoader.from_lake(
-        cfg.data.train_start, cfg.data.train_end, buckets=cfg.data.buckets, settings=settings,
-        order=cfg.data.order, batch_rows=cfg.data.batch_rows, seq_len=cfg.model.seq_len,
-        seed=cfg.train.seed, rank=rank, world_size=world)
-
-    check_item_ids_fit(loader.rows, cfg.model.items)
+    units = plan(cfg.data.train_start, cfg.data.train_end, buckets=cfg.data.buckets, settings=settings,
+                 feature_columns=cfg.data.feature_columns)
+    check_item_ids_fit(max_item_id(units), cfg.model.items)
+    loader = RequestReader(units, reader_spec(cfg), rank=rank, world_size=world, pin_memory=device.type == "cuda")
     model = RecModel(cfg.model)
     if cfg.train.sync_bn and world > 1:
         model = convert_sync_batchnorm(model.to(device))
@@ -153,7 +208,7 @@ def train(cfg: TrainConfig, settings) -> dict:
     start_epoch, history = 0, []
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
@@ -161,33 +216,53 @@ def train(cfg: TrainConfig, settings) -> dict:
             print(f"[train] resuming {cfg.name} from epoch {start_epoch} ({ckpt_path})", flush=True)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     amp = device.type == "cuda" and cfg.train.mixed_precision == "auto"
+    negatives = Negatives(cfg, device, cfg.train.seed) if (cfg.train.logq or cfg.train.mixed_negatives) else None
 
     run = _mlflow_run(cfg, settings, run_dir) if (rank == 0 and cfg.mlflow.enabled) else None
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
     steps_per_epoch = loader.steps_per_epoch()
     train_seconds = sum(h["seconds"] for h in history)
+    rows_before = sum(h["rows"] for h in history)
+
+    def report_progress(epoch_rows: int, epoch_seconds: float, epoch: int) -> float:
+        """Call the progress hook; returns the seconds it took (kept off the training clock)."""
+        t_cb = time.perf_counter()
+        rows = torch.tensor([float(epoch_rows)], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(rows)
+        progress(unwrap(ddp), rows_before + int(rows.item()), train_seconds + epoch_seconds, epoch)
+        ddp.train()
+        return time.perf_counter() - t_cb
+
     for epoch in range(start_epoch, cfg.train.epochs):
         ddp.train()
-        meter = EpochMeter()
+        meter = EpochMeter(device)
         t0 = time.perf_counter()
-        for step, batch in enumerate(loader.epoch(epoch)):
+        paused = 0.0
+        for step, batch in enumerate(loader.epoch(epoch, next_epoch=epoch + 1 if epoch + 1 < cfg.train.epochs else None)):
             if rank == 0 and epoch * steps_per_epoch + step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            unique_users = int(batch.unique_users().numel())  # on the host, before the copy
             batch = batch.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                outputs = ddp(batch, mode=cfg.train.user_encoding)
-                loss, stats = recommendation_losses(
-                    outputs, batch, retrieval_weight=cfg.train.retrieval_weight, temperature=cfg.train.temperature,
-                    mask_same_user=cfg.train.mask_same_user, mask_same_item=cfg.train.mask_same_item)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            meter.add(batch, loss.detach(), stats)
-        seconds = time.perf_counter() - t0
+            loss, stats = train_step(ddp, optimizer, batch, cfg, amp, negatives)
+            meter.add(batch, unique_users, loss, stats)
+            if (progress is not None and progress_every_steps and (step + 1) % progress_every_steps == 0
+                    and step + 1 < steps_per_epoch):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                paused += report_progress(meter.host["rows"], time.perf_counter() - t0 - paused, epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0 - paused
         epoch_metrics = meter.reduce(device)
-        epoch_metrics.update(epoch=epoch, seconds=seconds, rows_per_s=epoch_metrics["rows"] / max(seconds, 1e-9))
+        epoch_metrics.update(epoch=epoch, seconds=seconds, rows_per_s=epoch_metrics["rows"] / max(seconds, 1e-9),
+                             data_wait_seconds=loader.times.wait_seconds,
+                             data_wait_share=loader.times.wait_seconds / max(seconds, 1e-9))
         history.append(epoch_metrics)
+        if progress is not None:
+            report_progress(meter.host["rows"], seconds, epoch)
         train_seconds += seconds
+        rows_before += epoch_metrics["rows"]
         if rank == 0:
             print(f"[train] {cfg.name} epoch {epoch + 1}/{cfg.train.epochs}: loss {epoch_metrics['loss']:.4f} "
                   f"fnr {epoch_metrics['false_negative_rate']:.3f} users/batch {epoch_metrics['unique_users_per_batch']:.1f} "

@@ -1,0 +1,108 @@
+"""The quality study harness (reqdedup.evaluate.study): config checks, cells, one run in
+process on a toy world, and (slow) the whole command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reqdedup.errors import InputError
+from reqdedup.evaluate import study as S
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "study_tiny.yaml"
+
+
+def test_shipped_study_configs_parse():
+    for name in ("study_tiny", "study_cpu", "study_gpu"):
+        cfg = S.load_study(ROOT / "configs" / f"{name}.yaml")
+        assert cfg["sweeps"] and len(cfg["seeds"]) >= 2
+    gpu = S.load_study(ROOT / "configs" / "study_gpu.yaml")
+    assert len(gpu["seeds"]) >= 5 and {256, 1024, 64, 16} <= {r for sw in gpu["sweeps"] for r in sw["requests_per_step"]}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "unknown key bogus"),
+    ({"train": {"lrr": 1}}, "unknown key train.lrr"),
+    ({"model": {"widht": 3}}, "unknown model key"),
+    ({"sweeps": [{"variants": ["nope"]}]}, "unknown variant 'nope'"),
+    ({"sweeps": [{"variants": ["fixed"], "orders": ["shuffle"]}]}, "order 'shuffle'"),
+    ({"data": {"validation": ["2026-03-01", "2026-03-01"]}}, "train < validation < eval"),
+    ({"sweeps": [{"variants": ["fixed"], "requests_per_step": [1]}]}, "requests_per_step 1"),
+])
+def test_bad_study_config_names_the_problem(change, message):
+    import yaml
+
+    raw = yaml.safe_load(TINY.read_text())
+    for k, v in change.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) and isinstance(raw.get(k), dict) else v
+    with pytest.raises(InputError, match=message):
+        S.parse_study(raw, "t.yaml")
+
+
+def test_cells_add_the_iid_baseline_per_requests_per_step_once():
+    cfg = S.load_study(TINY)
+    keys = [c["key"] for c in S.cells_of(cfg)]
+    assert keys == ["iid|8|iid", "fixed|8|request_shuffle:all", "fixed_logq_mixed|8|request_shuffle:all",
+                    "naive|8|table", "naive|8|request_shuffle:4"]
+    assert S.parse_order("request_shuffle:all", "x") == ("request_shuffle", None)
+    assert S.parse_order("request_shuffle:32", "x") == ("request_shuffle", 32)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    torch.set_num_threads(1)
+    cfg = S.load_study(TINY)
+    files = S.prepare_data(cfg, tmp_path_factory.mktemp("study"), lambda m: None)
+    return cfg, S.Data(cfg, files, torch.device("cpu"))
+
+
+def _task(variant, order, rows=600, points=2, **kw):
+    return {"cell": S.cell_key(variant, 8, order), "variant": variant, "requests_per_step": 8, "order": order,
+            "seed": 0, "phase": "sweep", "rows": rows, "curve_points": points, "curve_on": "eval", **kw}
+
+
+def test_one_run_trains_its_row_budget_and_scores_every_eval_request(tiny_data):
+    cfg, data = tiny_data
+    r = S.run_one(cfg, data, _task("fixed_logq_mixed", "request_shuffle:all"), torch.device("cpu"))
+    assert r["rows_seen"] >= 600 and r["rows_seen"] - 600 < r["batch_rows"]
+    assert [p["rows"] for p in r["curve"]] == sorted(p["rows"] for p in r["curve"]) and len(r["curve"]) == 2
+    arr = r["arrays"]
+    assert arr.n_requests == data.eval.n_requests and set(arr.row_request.tolist()) == set(range(arr.n_requests))
+    assert 0 < r["metrics"]["auc"] < 1 and r["users_per_device_batch"] <= 8 / cfg["train"]["devices"] + 1e-9
+    # a seconds budget (compute-matched) stops on the training clock
+    t = S.run_one(cfg, data, {**_task("iid", "iid", rows=None), "seconds": 0.3, "curve_points": 1}, torch.device("cpu"))
+    assert t["train_seconds"] >= 0.3 and t["rows_seen"] > 0
+
+
+def test_table_order_packs_fewer_users_than_a_shuffle(tiny_data):
+    cfg, data = tiny_data
+    table = S.run_one(cfg, data, _task("naive", "table", points=0), torch.device("cpu"))
+    shuffled = S.run_one(cfg, data, _task("naive", "request_shuffle:all", points=0), torch.device("cpu"))
+    iid = S.run_one(cfg, data, _task("iid", "iid", points=0), torch.device("cpu"))
+    assert table["users_per_device_batch"] < shuffled["users_per_device_batch"] < iid["users_per_device_batch"]
+    assert table["false_negative_rate"] > shuffled["false_negative_rate"] > iid["false_negative_rate"]
+
+
+@pytest.mark.slow
+def test_study_command_end_to_end(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "reqdedup.evaluate.study", "--config", str(TINY), "--out", str(tmp_path / "out"),
+           "--work", str(tmp_path / "work"), "--set", "train.threads=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    s = json.loads((tmp_path / "out" / "study.json").read_text())
+    assert s["calibration"]["rows"] > 0 and len(s["calibration"]["curve"]) == 3
+    sweep = [r for r in s["runs"] if r["phase"] == "sweep"]
+    assert len(sweep) == 5 * 2 and len([r for r in s["runs"] if r["phase"] == "compute"]) == 2
+    for cell in ("fixed|8|request_shuffle:all", "naive|8|table"):
+        iv = s["intervals"][cell]["auc"]
+        assert iv["n_seeds"] == 2 and iv["low"] <= iv["point"] <= iv["high"]
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "| fixed / 8 / request_shuffle:all | 2 |" in md and "Compute-matched" in md

@@ -30,5 +30,7 @@ def test_bench_loader_writes_its_json(tmp_path):
         assert key in result, key
     assert result["loaders"]["old"]["requests"] == result["loaders"]["new"]["requests"] == 300
     assert result["loaders"]["new_all_dates"]["requests"] == 600
+    assert result["loaders"]["new_wide"]["requests"] == 300  # the reader without the projection
+    assert result["data_files_with_projection"] == result["data_files"] > 0
     for key in FIELDS[3:]:
         assert result[key] > 0 if key != "data_wait_share" else 0 <= result[key] <= 1, key

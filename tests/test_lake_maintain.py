@@ -16,8 +16,9 @@ import pytest
 from reqdedup.data.generator import GeneratorConfig, write_landing
 from reqdedup.errors import InputError
 from reqdedup.lake.catalog import load_table
-from reqdedup.lake.ingest import ingest_date, publish_date
+from reqdedup.lake.ingest import ingest_date
 from reqdedup.lake.maintain import drop_stale_branches, maintain
+from reqdedup.lake.projection import projection_path
 from reqdedup.lake.read import read_request_batches
 
 TABLE = "maint_impressions"
@@ -54,15 +55,16 @@ def _request_order(rows: pa.Table) -> list:
 def test_maintain_deletes_expired_files_and_keeps_main_rows_and_order(settings, spark):
     for day in (DAY1, DAY2, DAY3):
         write_landing(GeneratorConfig(date=day, seed=11, **SMALL), out_dir=settings.landing_dir)
-    ingest_date(DAY1, settings, table=TABLE, publish=True)
-    ingest_date(DAY2, settings, table=TABLE, publish=True)
+    ingest_date(DAY1, settings, table=TABLE, publish=True, projections=True)
+    ingest_date(DAY2, settings, table=TABLE, publish=True, projections=True)
     first_day1 = _files(settings, load_table(TABLE, settings).current_snapshot().snapshot_id, DAY1)
-    again = ingest_date(DAY1, settings, table=TABLE, publish=True)  # supersedes day 1's files
-    quarantined = ingest_date(DAY3, settings, table=TABLE)  # staged, never published
+    again = ingest_date(DAY1, settings, table=TABLE, publish=True, projections=True)  # supersedes day 1's files
+    quarantined = ingest_date(DAY3, settings, table=TABLE, projections=True)  # staged, never published
     staged_day3 = _files(settings, quarantined["snapshot_id"], DAY3)
     main_files = _files(settings, again["snapshot_id"])
     assert first_day1 and staged_day3 and not first_day1 & main_files
     assert all(_local(p).exists() for p in first_day1 | staged_day3)
+    assert all(projection_path(settings, p).exists() for p in first_day1 | staged_day3 | main_files)
     before = _read_main(settings)
 
     # An orphan (a failed write's leftover) two days old, and a fresh one that must stay.
@@ -91,6 +93,11 @@ def test_maintain_deletes_expired_files_and_keeps_main_rows_and_order(settings, 
     # main's pre-rewrite files) are gone from disk; the old orphan too, the fresh one not.
     for path in first_day1 | staged_day3 | main_files:
         assert not _local(path).exists(), path
+        assert not projection_path(settings, path).exists(), path  # nor their request-level projections
+    assert result["request_projections"]["removed"] == len(first_day1 | staged_day3 | main_files)
+    current = _files(settings, ice.current_snapshot().snapshot_id)
+    assert rewrite["request_projections"]["written"] == len(current)  # the rewritten files got theirs
+    assert all(projection_path(settings, p).exists() for p in current)
     assert [Path(p).name for p in result["orphans"][0]["orphan_files"]] == [old_orphan.name]
     assert not old_orphan.exists() and new_orphan.exists()
     new_orphan.unlink()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -253,6 +255,17 @@ def test_iceberg_and_landing_paths_give_the_same_batches(settings, spark):
         a, b = (list(RequestReader(u, spec).batches(1)) for u in (lake, landing))
         assert [(x.request_ids.tolist(), x.item_id.tolist(), x.label.tolist()) for x in a] == \
                [(x.request_ids.tolist(), x.item_id.tolist(), x.label.tolist()) for x in b], order
+    # ingest wrote the request-level projection of every data file: the lake path read through
+    # it (above) and decoding every row give the same batches
+    assert all(u.requests_path for u in lake)
+    for order in ORDERS:
+        spec = dict(order=order, batch_rows=40, seq_len=SEQ, seed=2, workers=0, buffer_requests=13, buffer_rows=100)
+        narrow, wide = (list(RequestReader(lake, ReaderSpec(use_projection=p, **spec)).batches(0)) for p in (True, False))
+        assert len(narrow) == len(wide) > 0
+        for a, b in zip(narrow, wide):
+            for f in ("request_ids", "user_ids", "history", "history_len", "user_dense", "row_request", "item_id",
+                      "item_dense", "label"):
+                assert torch.equal(getattr(a, f), getattr(b, f)), (order, f)
     bucket_subset = plan_iceberg(*days, buckets=[1, 3], settings=settings)
     assert {u.partition[1] for u in bucket_subset} <= {1, 3}
     assert [u.partition[1] for u in plan_landing(*days, buckets=[1, 3], settings=settings)] == \
@@ -289,6 +302,71 @@ def test_landing_projection_gives_the_wide_reads_batches(settings, tmp_path):
         list(decode_unit(units[0], SEQ))
 
 
+def test_file_projection_gives_the_wide_reads_batches(tmp_path, sorted_rows, settings, monkeypatch):
+    """The projection of a data file (what ingest writes beside each Iceberg data file),
+    streamed in batches that cut requests mid-way, gives the batches of decoding every row;
+    data files gone -> their projections are stale and removed."""
+    from dataclasses import replace as dc_replace
+
+    import reqdedup.lake.projection as projection
+
+    # written from many small batches (requests straddle them); read as usual, so both reads
+    # cut the same decode chunks (chunk boundaries steer the shuffle buffer's drains)
+    monkeypatch.setattr(projection, "DECODE_BATCH_BYTES", 16 << 10)
+    local = dc_replace(settings, warehouse_dir=tmp_path / "warehouse")
+    n = sorted_rows.num_rows
+    files = [_write(tmp_path / f"p{i}", part, []) for i, part in enumerate((sorted_rows.slice(0, n // 2),
+                                                                               sorted_rows.slice(n // 2)))]
+    units = [u for f in files for u in plan_files(f)]
+    written = projection.write_projections([u.path for u in units], local)
+    assert written["written"] == 2 and projection.write_projections([u.path for u in units], local)["existing"] == 2
+    monkeypatch.undo()
+    out = projection.projection_path(local, units[0].path)
+    meta = pq.read_metadata(out)
+    assert meta.num_rows == len(set(sorted_rows.slice(0, n // 2).column("request_id").to_pylist()))
+    with_projection = [dc_replace(u, requests_path=str(projection.projection_path(local, u.path))) for u in units]
+    for order in ORDERS:
+        spec = dict(order=order, batch_rows=45, seq_len=SEQ, seed=3, workers=0, buffer_requests=10, buffer_rows=90)
+        wide = list(RequestReader(units, ReaderSpec(**spec)).batches(0))
+        narrow = list(RequestReader(with_projection, ReaderSpec(**spec)).batches(0))
+        assert len(wide) == len(narrow) > 0
+        for a, b in zip(wide, narrow):
+            for f in ("request_ids", "user_ids", "history", "history_len", "user_dense", "row_request", "item_id",
+                      "item_dense", "label"):
+                assert torch.equal(getattr(a, f), getattr(b, f)), (order, f)
+    # a data file deleted (an expired snapshot's): its projection is stale; dry run first
+    os.unlink(units[0].path)
+    assert projection.remove_stale_projections(local, dry_run=True) == {"removed": 1, "kept": 1, "dry_run": True}
+    assert out.exists()
+    assert projection.remove_stale_projections(local) == {"removed": 1, "kept": 1, "dry_run": False}
+    assert not out.exists() and projection.projection_path(local, units[1].path).exists()
+
+
+def test_file_projection_refuses_what_it_cannot_trust(tmp_path, sorted_rows, settings):
+    """Writing a projection checks every row: rows of a request that disagree on the user
+    block, or a request id that reappears, raise naming the file, and nothing is written."""
+    from dataclasses import replace as dc_replace
+
+    from reqdedup.lake.projection import projection_path, write_projections
+
+    local = dc_replace(settings, warehouse_dir=tmp_path / "warehouse")
+    bad = sorted_rows.to_pydict()
+    rid = bad["request_id"]
+    row = next(i for i in range(1, len(rid)) if rid[i] == rid[i - 1])
+    bad["user_history"][row] = list(bad["user_history"][row]) + [7]
+    [disagree] = _write(tmp_path / "disagree", pa.Table.from_pydict(bad, schema=sorted_rows.schema), [])
+    with pytest.raises(InputError, match=rf"disagree/part-000.parquet: request_id {rid[row]}: .*disagree"):
+        write_projections([str(disagree)], local)
+    ids = sorted_rows.column("request_id").to_numpy()
+    end_first = int(np.flatnonzero(ids != ids[0])[0])
+    [again] = _write(tmp_path / "again", pa.concat_tables([sorted_rows, sorted_rows.slice(0, end_first)]), [])
+    with pytest.raises(InputError, match=rf"again/part-000.parquet: request_id {ids[0]} reappears"):
+        write_projections([str(again)], local)
+    for f in (disagree, again):
+        assert not projection_path(local, str(f)).exists()
+    assert not any(p.is_file() for p in (tmp_path / "warehouse").rglob("*"))  # no temp file left either
+
+
 def test_next_epoch_started_ahead_gives_that_epochs_batches(folder):
     units = plan_files([folder])
     spec = dict(order="request_shuffle", batch_rows=60, seq_len=SEQ, seed=3, workers=2, buffer_requests=9)
@@ -310,7 +388,7 @@ def test_next_epoch_started_ahead_gives_that_epochs_batches(folder):
 def test_decode_batches_shrink_as_rows_widen(tmp_path, sorted_rows, monkeypatch):
     import pyarrow.parquet as pq
 
-    import reqdedup.train.reader as reader
+    import reqdedup.lake.projection as reader
 
     monkeypatch.setattr(reader, "DECODE_BATCH_BYTES", 64 << 10)  # the test table is small
     path = tmp_path / "t.parquet"

@@ -106,3 +106,58 @@ def test_study_command_end_to_end(tmp_path):
         assert iv["n_seeds"] == 2 and iv["low"] <= iv["point"] <= iv["high"]
     md = (tmp_path / "out" / "study.md").read_text()
     assert "| fixed / 8 / request_shuffle:all | 2 |" in md and "Compute-matched" in md
+
+
+def _fake_study(folder: Path, name: str, model: dict, aucs: dict[int, float], rng) -> None:
+    """A finished study's study.json and eval arrays for one cell: per seed, eval rows whose
+    logits separate the labels so that the AUC is about ``aucs[seed]``."""
+    import numpy as np
+
+    from reqdedup.evaluate.metrics import EvalArrays
+
+    cfg = S.load_study(TINY)
+    cfg["model"] = {**cfg["model"], **model}
+    cell = "fixed|8|request_shuffle:all"
+    arrays_dir = folder / "arrays"
+    n_req, per = 40, 5
+    for seed, auc in aucs.items():
+        labels = np.tile([1.0, 0, 0, 0, 0], n_req)
+        noise = np.random.default_rng(seed).normal(size=labels.size)
+        logits = labels * (2.0 * auc - 1.0) * 4 + noise
+        S.save_arrays(arrays_dir, cell, seed, EvalArrays(
+            labels=labels, logits=logits, row_request=np.repeat(np.arange(n_req), per),
+            ranks=rng.integers(1, 100, n_req).astype(float), rank_request=np.arange(n_req), n_requests=n_req))
+    runs = [{"phase": "sweep", "cell": cell, "seed": s} for s in aucs]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "study.json").write_text(json.dumps({"name": name, "config": {k: v for k, v in cfg.items() if k != "source"},
+                                                   "runs": runs, "arrays_dir": str(arrays_dir)}))
+
+
+def test_compare_two_studies_cell_by_cell(tmp_path):
+    """`--compare`: the candidate study's cell against the same cell of the baseline study,
+    paired by seed over the same eval requests; refused when more than the model differs."""
+    import numpy as np
+
+    from reqdedup.evaluate import metrics as M
+
+    rng = np.random.default_rng(0)
+    _fake_study(tmp_path / "two", "two_tower", {}, {0: 0.6, 1: 0.62, 2: 0.61}, rng)
+    _fake_study(tmp_path / "cross", "crossing", {"ranking": "crossing"}, {0: 0.7, 1: 0.71, 2: 0.69}, rng)
+    out = S.compare_studies(tmp_path / "two", tmp_path / "cross", tmp_path / "cmp")
+    assert out["model_difference"] == {"ranking": [None, "crossing"]}
+    [row] = out["cells"]
+    assert row["cell"] == "fixed|8|request_shuffle:all" and row["seeds"] == [0, 1, 2]
+    cell = row["cell"]
+    base = [S.load_arrays(tmp_path / "two" / "arrays", cell, s) for s in (0, 1, 2)]
+    cand = [S.load_arrays(tmp_path / "cross" / "arrays", cell, s) for s in (0, 1, 2)]
+    auc = row["intervals"]["auc"]
+    expect = np.mean([M.metric_value(a, "auc") for a in cand]) / np.mean([M.metric_value(a, "auc") for a in base]) - 1
+    assert auc["point"] == pytest.approx(expect) and auc["low"] < auc["point"] < auc["high"]
+    assert auc["low"] > 0  # the separable candidate is clearly ahead
+    assert "crossing" in (tmp_path / "cmp" / "compare.md").read_text()
+    # more than the model differs -> refused, naming the section
+    study = json.loads((tmp_path / "cross" / "study.json").read_text())
+    study["config"]["seeds"] = [0, 1, 2]
+    (tmp_path / "cross" / "study.json").write_text(json.dumps(study))
+    with pytest.raises(InputError, match="config.seeds differs"):
+        S.compare_studies(tmp_path / "two", tmp_path / "cross", tmp_path / "cmp")

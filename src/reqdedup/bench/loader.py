@@ -233,17 +233,18 @@ def run(a, command: str) -> dict:
     # over all dates at the full worker count is its own variant.
     first_files = sum(1 for u in units if u.partition[0] == units[0].partition[0])
     capped = {**vargs, "workers": min(a.workers, first_files), "streams": min(a.streams, first_files)}
-    variants = {"old": vargs, "new": vargs, "new_all_dates": capped, "new_all_dates_full": vargs}
-    if a.source == "landing":
-        variants["new_wide"] = vargs
+    # new_wide: the same reader decoding every row's user block instead of the projection
+    variants = {"old": vargs, "new": vargs, "new_wide": vargs, "new_all_dates": capped, "new_all_dates_full": vargs}
     loaders = {}
     for v, v_args in variants.items():
         loaders[v] = _variant_in_subprocess(v, v_args, env)
         print(f"[bench loader] {v}: {loaders[v]['requests_per_s']:,.0f} requests/s, "
               f"{loaders[v]['rows_per_s']:,.0f} rows/s, peak RSS {loaders[v]['peak_rss_gb']:.2f} GB", flush=True)
 
+    # the reader reads the user block from the request-level projection of these files
+    projected = {"data_files": len(units), "data_files_with_projection": sum(u.requests_path is not None for u in units)}
     if a.no_train:
-        return _result(a, command, prepare_s, loaders, None, None)
+        return _result(a, command, prepare_s, loaders, projected, None, None)
     from reqdedup.train.worker import train
 
     runs = home / "bench_runs"
@@ -269,10 +270,10 @@ def run(a, command: str) -> dict:
     alone = model_only(request_cfg, settings, steps=a.model_only_steps, repeats=3)
     print(f"[bench loader] model alone (request-level): {alone:,.0f} rows/s", flush=True)
 
-    return _result(a, command, prepare_s, loaders, trained, alone)
+    return _result(a, command, prepare_s, loaders, projected, trained, alone)
 
 
-def _result(a, command, prepare_s, loaders, trained, alone) -> dict:
+def _result(a, command, prepare_s, loaders, projected, trained, alone) -> dict:
     import torch
 
     old, new = loaders["old"], loaders["new"]
@@ -295,6 +296,9 @@ def _result(a, command, prepare_s, loaders, trained, alone) -> dict:
         "peak_rss_gb_old": old["peak_rss_gb"],
         "peak_rss_gb_new": new["peak_rss_gb"],
         "rss_ratio_new_over_old": new["peak_rss_gb"] / old["peak_rss_gb"],
+        **projected,
+        "requests_per_s_new_without_projection": loaders["new_wide"]["requests_per_s"],
+        "peak_rss_gb_new_without_projection": loaders["new_wide"]["peak_rss_gb"],
         "peak_rss_gb_new_all_dates": loaders["new_all_dates"]["peak_rss_gb"],
         "rss_growth_all_dates_over_one": loaders["new_all_dates"]["peak_rss_gb"] / new["peak_rss_gb"],
     }

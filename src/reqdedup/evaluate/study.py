@@ -561,9 +561,36 @@ def _worker(cfg: dict, files: dict, tasks, results, threads: int) -> None:
 # ---------------------------------------------------------------------------------------
 # the study (parent)
 # ---------------------------------------------------------------------------------------
+ARRAY_FIELDS = ("labels", "logits", "row_request", "ranks", "rank_request")
+
+
+def arrays_file(folder: Path, cell: str, seed: int) -> Path:
+    return folder / f"{cell.replace('|', '__').replace(':', '-')}-seed{seed}.npz"
+
+
+def save_arrays(folder: Path, cell: str, seed: int, arrays) -> None:
+    """One sweep run's eval arrays (what the paired bootstrap needs), for --compare."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = arrays_file(folder, cell, seed)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, n_requests=arrays.n_requests, **{f: getattr(arrays, f) for f in ARRAY_FIELDS})
+    os.replace(tmp, path)
+
+
+def load_arrays(folder: Path, cell: str, seed: int):
+    from reqdedup.evaluate.metrics import EvalArrays
+
+    path = arrays_file(folder, cell, seed)
+    if not path.is_file():
+        raise InputError(f"{path}: no eval arrays of {cell} seed {seed} (was the study run with this --work?)")
+    with np.load(path) as z:
+        return EvalArrays(**{f: z[f] for f in ARRAY_FIELDS}, n_requests=int(z["n_requests"]))
+
+
 class Study:
     def __init__(self, cfg: dict, out: Path, work: Path):
         self.cfg, self.out, self.work = cfg, out, work
+        self.arrays_dir = work / "arrays" / cfg["name"]
         self.t0 = time.perf_counter()
         self.runs: list[dict] = []
         self.arrays: dict[tuple, object] = {}
@@ -735,6 +762,7 @@ class Study:
         self.runs.append(r)
         if r["phase"] == "sweep":
             self.arrays[(r["cell"], r["seed"])] = arr
+            save_arrays(self.arrays_dir, r["cell"], r["seed"], arr)
             self.update_interval(r["cell"], final=False)
             if r["variant"] == BASELINE:
                 for key in {x["cell"] for x in self.runs if x["phase"] == "sweep"
@@ -788,7 +816,7 @@ class Study:
                 "command": "python -m reqdedup.evaluate.study " + " ".join(sys.argv[1:]),
                 "elapsed_s": round(time.perf_counter() - self.t0, 1), "data": self.data_info,
                 "calibration": self.calibration, "runs": self.runs, "intervals": self.intervals,
-                "errors": self.errors, "notes": self.notes,
+                "errors": self.errors, "notes": self.notes, "arrays_dir": str(self.arrays_dir),
                 "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def write(self) -> None:
@@ -960,6 +988,69 @@ def run_study(cfg: dict, out: Path, work: Path) -> dict:
     return st.summary()
 
 
+# ---------------------------------------------------------------------------------------
+# two studies that differ in one model setting: each cell of one against the same cell of the other
+# ---------------------------------------------------------------------------------------
+def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
+    """The relative change of every cell of the candidate study against the same cell of the
+    baseline study, with the study's interval (paired by seed, bootstrap over the same eval
+    requests + the seed spread). The two studies must share data, training and eval settings
+    and differ only in ``model`` (e.g. ``model.ranking`` crossing vs two_tower)."""
+    from reqdedup.evaluate import metrics as M
+
+    base, cand = (json.loads((d / "study.json").read_text()) for d in (base_dir, cand_dir))
+    for key in ("data", "train", "budget", "eval", "seeds"):
+        if base["config"][key] != cand["config"][key]:
+            raise InputError(f"{cand_dir}: config.{key} differs from {base_dir}'s; the studies compare only when "
+                             "they differ in model settings alone")
+    model_diff = {k: [base["config"]["model"].get(k), v] for k, v in cand["config"]["model"].items()
+                  if base["config"]["model"].get(k) != v}
+    model_diff.update({k: [v, None] for k, v in base["config"]["model"].items() if k not in cand["config"]["model"]})
+    cfg = base["config"]
+    k = cfg["eval"]["k"]
+    names = [f"{m}@{k}" if m in ("recall", "ndcg") else m for m in cfg["gate"]["metrics"]]
+
+    def seeds_by_cell(study: dict) -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for r in study["runs"]:
+            if r["phase"] == "sweep":
+                out.setdefault(r["cell"], set()).add(r["seed"])
+        return out
+
+    base_seeds, cand_seeds = seeds_by_cell(base), seeds_by_cell(cand)
+    rows = []
+    for cell in [c for c in base_seeds if c in cand_seeds]:
+        seeds = sorted(base_seeds[cell] & cand_seeds[cell])
+        a = [load_arrays(Path(cand["arrays_dir"]), cell, s) for s in seeds]
+        b = [load_arrays(Path(base["arrays_dir"]), cell, s) for s in seeds]
+        intervals = {m: M.relative_change_interval(a, b, m, n_boot=cfg["eval"]["bootstrap"], level=cfg["eval"]["level"])
+                     for m in names}
+        rows.append({"cell": cell, "seeds": seeds, "intervals": intervals})
+    result = {"baseline": str(base_dir), "candidate": str(cand_dir), "model_difference": model_diff,
+              "metrics": names, "level": cfg["eval"]["level"], "cells": rows,
+              "command": "python -m reqdedup.evaluate.study " + " ".join(sys.argv[1:]),
+              "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=1, default=float))
+    lines = [f"# {cand['name']} ({cand_dir}) against {base['name']} ({base_dir})", "",
+             f"- command: `{result['command']}`",
+             f"- model settings that differ (baseline, candidate): {json.dumps(model_diff)}",
+             f"- the same data, training length rule, seeds and eval requests; change = candidate / baseline - 1 "
+             f"of the seed means, {int(100 * cfg['eval']['level'])}% interval (paired bootstrap over eval requests, "
+             f"{cfg['eval']['bootstrap']} replicates, + seed spread)", "",
+             "| cell | seeds | " + " | ".join(f"{m} baseline | {m} candidate | Δ {m} [interval]" for m in names) + " |",
+             "| --- | ---: | " + " | ".join("---: | ---: | ---:" for _ in names) + " |"]
+    for r in rows:
+        cells = []
+        for m in names:
+            iv = r["intervals"][m]
+            cells.append(f"{iv['baseline_mean']:.4f} | {iv['candidate_mean']:.4f} | {100 * iv['point']:+.2f}% "
+                         f"[{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]")
+        lines.append(f"| {r['cell'].replace('|', ' / ')} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="the request-level vs iid quality study (issue 12)")
     p.add_argument("--config", help="study YAML (configs/study_*.yaml)")
@@ -967,8 +1058,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=None, help="data folder (default: <out>/../study-work or $TMPDIR)")
     p.add_argument("--set", action="append", default=[], metavar="section.key=value")
     p.add_argument("--replot", action="store_true", help="only draw the plots of an existing <out>/study.json")
+    p.add_argument("--compare", nargs=2, metavar=("BASELINE_OUT", "CANDIDATE_OUT"),
+                   help="compare two finished studies that differ only in model settings, cell by cell, into --out")
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.compare:
+        result = compare_studies(Path(a.compare[0]), Path(a.compare[1]), out)
+        print((out / "compare.md").read_text())
+        return 0 if result["cells"] else 2
     if a.replot:
         s = json.loads((out / "study.json").read_text())
         (out / "study.md").write_text(markdown(s))

@@ -195,13 +195,15 @@ def restart_branch(spark, full_name: str, branch: str) -> None:
 
 def ingest_date(date: str, settings: Settings | None = None, table: str = IMPRESSIONS,
                 properties: dict | None = None, sorted_table: bool = True, publish: bool = False,
-                items: int | None = None) -> dict:
+                items: int | None = None, projections: bool | None = None) -> dict:
     """Sort one landed date into a staging branch of the impressions table.
 
     With ``publish`` the branch is published at once (no audit: benchmarks, trusted data).
     ``properties``/``sorted_table`` create a variant table (the storage benchmark's raw-log
     baseline and property sweep); the defaults are the production table. ``items`` bounds
-    item ids and history ids (default: each landing file's schema metadata).
+    item ids and history ids (default: each landing file's schema metadata). ``projections``
+    (default: for the request-sorted impressions table) writes the request-level projection
+    of each new data file (``reqdedup.lake.projection``), which training reads.
     """
     settings = settings or get_settings()
     day = parse_date(date)
@@ -244,6 +246,15 @@ def ingest_date(date: str, settings: Settings | None = None, table: str = IMPRES
     if rows_in_table != rows_landed:
         raise RuntimeError(f"ingest of {date} wrote {rows_in_table} rows, {rows_landed} landed")
     files_written = staged_files(settings, table, int(staged_snapshot), date)
+    if projections is None:
+        projections = sorted_table and table == IMPRESSIONS
+    projected = None
+    if projections:
+        # The request-level projection of each new data file (one row per request), which the
+        # training reader reads instead of decoding every candidate row's user block.
+        from reqdedup.lake.projection import write_projections
+
+        projected = write_projections([f.file_path for f in files_written], settings)
     summary = {
         "date": date,
         "table": full_name,
@@ -258,6 +269,7 @@ def ingest_date(date: str, settings: Settings | None = None, table: str = IMPRES
         "rows_per_s": round(rows_landed / seconds, 1),
         "landed_mb_per_s": round(bytes_landed / 1e6 / seconds, 2),
         "published": False,
+        "request_projections": projected,
     }
     if publish:
         summary["published"] = publish_date(date, settings, table, snapshot_id=int(staged_snapshot))["published"]

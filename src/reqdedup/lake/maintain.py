@@ -14,7 +14,11 @@ DAG runs them:
    snapshot references is deleted.
 4. ``orphans``: Iceberg's ``remove_orphan_files`` procedure: files under the table location
    that no metadata references (failed writes) and older than N days (Iceberg refuses less
-   than one day, so an in-flight write is never taken for an orphan).
+   than one day, so an in-flight write is never taken for an orphan); then the request-level
+   projections (``reqdedup.lake.projection``) whose data file is gone.
+
+``rewrite`` writes the request-level projection of each data file of ``impressions`` (training
+reads them) and of any table whose files had them, where missing.
 
 Steps 2 to 4 run through Spark SQL ``CALL <catalog>.system.<procedure>``; step 1 is a
 catalog commit through pyiceberg, one per branch, each asserting the branch did not move.
@@ -27,6 +31,7 @@ import time
 
 from reqdedup.config import Settings, get_settings
 from reqdedup.errors import InputError
+from reqdedup.lake.tables import IMPRESSIONS
 
 STEPS = ("branches", "rewrite", "expire", "orphans")
 
@@ -160,10 +165,22 @@ def rewrite_data_files(table: str, spark, settings: Settings | None = None, rewr
     args = {"strategy": "'sort'"}
     if options:
         args["options"] = "map(" + ", ".join(f"'{k}', '{v}'" for k, v in options.items()) + ")"
+    from reqdedup.lake.catalog import load_table
+    from reqdedup.lake.projection import projection_path, write_projections
+
+    def main_files() -> list[str]:
+        return [task.file.file_path for task in load_table(table, settings).scan().plan_files()]
+
+    # The training table, and any table whose files carry request-level projections, keeps
+    # them: the rewritten files get theirs (and files ingested before projections existed too).
+    projected = table == IMPRESSIONS or any(projection_path(settings, f).exists() for f in main_files())
     started = time.perf_counter()
     row = _call(spark, settings, "rewrite_data_files", table, **args)[0]
-    return {"table": settings.spark_table(table), "strategy": "sort", "sort_order": order, "options": options,
-            **{k: int(v) for k, v in row.items() if v is not None}, "seconds": round(time.perf_counter() - started, 3)}
+    out = {"table": settings.spark_table(table), "strategy": "sort", "sort_order": order, "options": options,
+           **{k: int(v) for k, v in row.items() if v is not None}, "seconds": round(time.perf_counter() - started, 3)}
+    if projected:
+        out["request_projections"] = write_projections(main_files(), settings)
+    return out
 
 
 def expire_snapshots(table: str, spark, older_than_days: float, retain_last: int,
@@ -238,5 +255,9 @@ def maintain(steps: list[str] | tuple[str, ...] = STEPS, tables: list[str] | Non
             else:
                 out.append(remove_orphan_files(table, spark, orphan_older_than_days, settings, now=now,
                                                dry_run=dry_run))
+        if step == "orphans":  # after Iceberg deleted files: the request-level projections of files now gone
+            from reqdedup.lake.projection import remove_stale_projections
+
+            result["request_projections"] = remove_stale_projections(settings, dry_run=dry_run)
         result[step] = out
     return result

@@ -39,13 +39,12 @@ import datetime as dt
 import fcntl
 import hashlib
 import json
-import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +55,24 @@ import torch
 
 from reqdedup.contract import parse_date
 from reqdedup.errors import InputError
-from reqdedup.train.batch import HISTORY_ID_SHIFT, HISTORY_PAD, ITEM_DENSE_DIM, USER_DENSE_DIM, RequestBatch
+from reqdedup.lake.projection import (  # noqa: F401 (history_row_hash, rows_per_decode_batch: the reader's API too)
+    REQUEST_COLUMNS,
+    REQUESTS_SUFFIX,
+    USER_BLOCK,
+    check_user_blocks,
+    fixed_width,
+    history_row_hash,
+    local_path,
+    open_parquet,
+    projection_path,
+    read_batches,
+    request_projection,
+    request_starts,
+    rows_per_decode_batch,
+)
+from reqdedup.train.batch import HISTORY_ID_SHIFT, ITEM_DENSE_DIM, USER_DENSE_DIM, RequestBatch
 
 ORDERS = ("table", "request_shuffle", "iid")
-USER_BLOCK = ("user_id", "user_history", "user_dense", "user_segment", "user_country")
 CANDIDATE_COLUMNS = ("item_id", "item_category", "item_dense", "label")
 READ_COLUMNS = ("request_id", *USER_BLOCK, *CANDIDATE_COLUMNS)
 
@@ -100,29 +113,13 @@ class FileUnit:
     features: tuple[FeatureSource, ...] = ()
 
 
-def _local_path(uri: str) -> str:
-    """A local path from a file URI (Spark writes ``file:/x``, pyiceberg ``file:///x``)."""
-    if uri.startswith("file:"):
-        from urllib.parse import unquote, urlparse
-
-        return unquote(urlparse(uri).path)
-    return uri
-
-
-def _open(path: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
-
-
 def _request_ids_of_group(pf: pq.ParquetFile, group: int) -> np.ndarray:
     return pf.read_row_group(group, columns=["request_id"]).column(0).to_numpy()
 
 
 def _leading_run(path: str, request_id: int) -> int:
     """Rows at the start of ``path`` whose request_id is ``request_id``."""
-    pf, run = _open(path), 0
+    pf, run = open_parquet(path), 0
     for g in range(pf.num_row_groups):
         ids = _request_ids_of_group(pf, g)
         differs = np.flatnonzero(ids != request_id)
@@ -133,7 +130,7 @@ def _leading_run(path: str, request_id: int) -> int:
 
 
 def _last_request_id(path: str) -> int | None:
-    pf = _open(path)
+    pf = open_parquet(path)
     for g in reversed(range(pf.num_row_groups)):
         ids = _request_ids_of_group(pf, g)
         if ids.size:
@@ -142,7 +139,7 @@ def _last_request_id(path: str) -> int | None:
 
 
 def _first_request_id(path: str) -> int | None:
-    pf = _open(path)
+    pf = open_parquet(path)
     for g in range(pf.num_row_groups):
         ids = _request_ids_of_group(pf, g)
         if ids.size:
@@ -228,7 +225,7 @@ def feature_sources(feature_columns: Sequence[str], table, start: dt.date, end: 
                                  f"have: run `reqdedup features add {feature.name} --start {start} --end {end}`")
             _check_copy_on_write(tasks)
             per_key[key].append(FeatureSource(table=name, keys=keys, columns=tuple(columns),
-                                              paths=tuple(_local_path(t.file.file_path) for t in tasks)))
+                                              paths=tuple(local_path(t.file.file_path) for t in tasks)))
     return {k: tuple(v) for k, v in per_key.items()}
 
 
@@ -250,8 +247,10 @@ def plan_iceberg(start, end=None, *, buckets: Sequence[int] | None = None, setti
     units = []
     for key, tasks in partitions:
         _check_copy_on_write(tasks)
-        part = stitch_partition([_local_path(t.file.file_path) for t in tasks], tuple(key),
+        part = stitch_partition([local_path(t.file.file_path) for t in tasks], tuple(key),
                                 [t.file.record_count for t in tasks])
+        part = [replace(u, requests_path=str(pp)) if (pp := projection_path(settings, u.path)).exists() else u
+                for u in part]
         if feature_columns:
             part = [replace(u, features=sources[tuple(key)]) for u in part]
         units += part
@@ -269,7 +268,7 @@ def plan_files(paths: Sequence[str | Path]) -> list[FileUnit]:
         files += sorted(p.glob("*.parquet")) if p.is_dir() else [p]
     if not files:
         raise InputError(f"no Parquet files in {', '.join(map(str, paths))}")
-    rows = [_open(str(f)).metadata.num_rows for f in files]
+    rows = [open_parquet(str(f)).metadata.num_rows for f in files]
     return stitch_partition([str(f) for f in files], ("files",), rows)
 
 
@@ -354,25 +353,6 @@ def sorted_landing_date(settings, date: str) -> Path | None:
     return target
 
 
-REQUESTS_SUFFIX = ".requests.parquet"
-REQUEST_COLUMNS = ("request_id", *USER_BLOCK, "num_candidates")
-
-
-def request_projection(rows: pa.Table, where: str) -> pa.Table:
-    """One row per request (user block + its number of candidate rows) of request-sorted
-    rows; InputError if a request's rows disagree on the user block."""
-    ids = rows.column("request_id").to_numpy()
-    if ids.size == 0:
-        return rows.select(REQUEST_COLUMNS[:-1]).append_column("num_candidates", pa.array([], pa.int32()))
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    if np.unique(ids[starts]).size != starts.size:
-        raise InputError(f"{where}: a request id reappears after another request: not request-sorted")
-    counts = np.diff(np.r_[starts, ids.size])
-    rows_to_chunk(rows, 1, where, check=True)  # the user-block check, on every row
-    return rows.select(list(REQUEST_COLUMNS[:-1])).take(pa.array(starts)).append_column(
-        "num_candidates", pa.array(counts.astype(np.int32)))
-
-
 def plan_landing(start, end=None, *, buckets: Sequence[int] | None = None, settings=None) -> list[FileUnit]:
     """File tasks over the landed Parquet of dates start..end, request-sorted per date."""
     from reqdedup.config import get_settings
@@ -392,7 +372,7 @@ def plan_landing(start, end=None, *, buckets: Sequence[int] | None = None, setti
                 projection = f.with_name(f.stem + REQUESTS_SUFFIX)
                 if buckets is None or b in buckets:
                     units.append(FileUnit(path=str(f), partition=(day.isoformat(), b),
-                                          rows=_open(str(f)).metadata.num_rows,
+                                          rows=open_parquet(str(f)).metadata.num_rows,
                                           requests_path=str(projection) if projection.exists() else None))
         day += dt.timedelta(days=1)
     return units
@@ -426,7 +406,7 @@ def max_item_id(units: Sequence[FileUnit]) -> int:
     statistics (read from the data only where a row group has none)."""
     biggest = -1
     for unit in units:
-        pf = _open(unit.path)
+        pf = open_parquet(unit.path)
         meta = pf.metadata
         leaves = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
         wanted = [i for path, i in leaves.items() if path == "item_id" or path.startswith("user_history.")]
@@ -486,36 +466,6 @@ def concat_chunks(chunks: Sequence[RequestChunk]) -> RequestChunk:
     return RequestChunk(**{f.name: torch.cat([getattr(c, f.name) for c in chunks]) for f in fields(RequestChunk)})
 
 
-def _fixed(values: pa.Array, width: int, column: str, path: str) -> np.ndarray:
-    flat = pc.list_flatten(values).to_numpy(zero_copy_only=False)
-    if flat.size != len(values) * width:
-        raise InputError(f"{path}: column {column!r} must hold lists of exactly {width} values")
-    return flat.astype(np.float32, copy=True).reshape(len(values), width)
-
-
-_HASH_WEIGHTS = np.random.default_rng(20260415).integers(1, 2**63 - 1, size=1 << 16, dtype=np.int64).astype(np.uint64) | np.uint64(1)
-
-
-def history_row_hash(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """A 64-bit hash of each row's list [n] (position-weighted sum of the ids, plus the
-    length): O(values), no row is compared with another element by element."""
-    lengths = np.diff(offsets)
-    n = lengths.size
-    out = lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-    if values.size == 0:
-        return out
-    base = offsets[:-1] - offsets[0]
-    pos = np.arange(values.size, dtype=np.int64) - np.repeat(base, lengths)
-    weights = _HASH_WEIGHTS[pos % _HASH_WEIGHTS.size] + (pos // _HASH_WEIGHTS.size).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        contrib = (values.astype(np.int64).astype(np.uint64) + np.uint64(1)) * weights
-    nonempty = np.flatnonzero(lengths > 0)
-    sums = np.add.reduceat(contrib, base[nonempty]) if nonempty.size else np.zeros(0, np.uint64)
-    with np.errstate(over="ignore"):
-        out[nonempty] += sums
-    return out if out.size == n else out[:n]
-
-
 def _pad_tail(values: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Lists (values, offsets [R+1]) -> (history [R, seq_len] with ids + 1, 0-padded, the most
     recent seq_len ids kept; history_len [R])."""
@@ -534,29 +484,9 @@ def _pad_tail(values: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[np
 def rows_to_chunk(rows: pa.Table, seq_len: int, path: str, check: bool = True) -> RequestChunk:
     """Rows of whole, contiguous requests -> request-level chunk. With ``check``, a request
     whose rows disagree on the user block raises InputError naming the request and file."""
-    ids = rows.column("request_id").to_numpy()
-    n = ids.size
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    counts = np.diff(np.r_[starts, n])
+    ids, starts, counts = request_starts(rows)
     if check:  # per-row user columns live only here, for one row group
-        hist = rows.column("user_history").combine_chunks()
-        offsets = hist.offsets.to_numpy().astype(np.int64)
-        values = pc.list_flatten(hist).to_numpy(zero_copy_only=False)
-        user_id = rows.column("user_id").to_numpy()
-        segment = rows.column("user_segment").to_numpy()
-        country = rows.column("user_country").to_numpy()
-        dense = _fixed(rows.column("user_dense").combine_chunks(), USER_DENSE_DIM, "user_dense", path)
-        first_of_row = np.repeat(starts, counts)
-        hashes = history_row_hash(values, offsets)
-        dense_bits = dense.view(np.uint32)
-        same = ((hashes == hashes[first_of_row]) & (user_id == user_id[first_of_row])
-                & (segment == segment[first_of_row]) & (country == country[first_of_row])
-                & (dense_bits == dense_bits[first_of_row]).all(axis=1))
-        if not same.all():
-            bad = int(np.flatnonzero(~same)[0])
-            raise InputError(f"{path}: request_id {int(ids[bad])}: candidate rows disagree on the user block "
-                             f"(row {bad} differs from row {int(first_of_row[bad])}); request-level dedup "
-                             "needs one user block per request")
+        check_user_blocks(rows, starts, counts, path)
     requests = rows.select(list(USER_BLOCK)).take(pa.array(starts))
     return _chunk(ids[starts], requests, counts, rows, seq_len, path)
 
@@ -568,8 +498,8 @@ def _chunk(request_ids: np.ndarray, requests: pa.Table, counts: np.ndarray, cand
     offsets = hist.offsets.to_numpy().astype(np.int64)
     values = pc.list_flatten(hist).to_numpy(zero_copy_only=False)
     history, history_len = _pad_tail(values, offsets - offsets[0], seq_len)
-    dense = _fixed(requests.column("user_dense").combine_chunks(), USER_DENSE_DIM, "user_dense", path)
-    item_dense = _fixed(cand_rows.column("item_dense").combine_chunks(), ITEM_DENSE_DIM, "item_dense", path)
+    dense = fixed_width(requests.column("user_dense").combine_chunks(), USER_DENSE_DIM, "user_dense", path)
+    item_dense = fixed_width(cand_rows.column("item_dense").combine_chunks(), ITEM_DENSE_DIM, "item_dense", path)
     t = torch.from_numpy
     col = lambda table, name, dtype: t(table.column(name).to_numpy().astype(dtype))  # noqa: E731
     return RequestChunk(
@@ -588,7 +518,7 @@ def _chunk(request_ids: np.ndarray, requests: pa.Table, counts: np.ndarray, cand
 # ---------------------------------------------------------------------------------------
 def _user_range(path: str) -> tuple[int, int]:
     """(min, max) user_id of a file, from its Parquet statistics (the data where none)."""
-    pf = _open(path)
+    pf = open_parquet(path)
     meta = pf.metadata
     i = pf.schema_arrow.get_field_index("user_id")
     lo, hi = None, None
@@ -767,38 +697,6 @@ class FeatureJoin:
         return replace(chunk, features=torch.from_numpy(features))
 
 
-# Uncompressed bytes of the read columns per decoded batch: a decode worker holds a few of
-# these, so rows per batch shrink as rows widen (a per-row history of 1,000 ids: ~8k rows).
-DECODE_BATCH_BYTES = 32 << 20
-
-
-def rows_per_decode_batch(pf: pq.ParquetFile, columns: Sequence[str], most: int) -> int:
-    """At most ``most`` rows, and about DECODE_BATCH_BYTES of the columns read (from the
-    first row group's uncompressed column sizes)."""
-    md = pf.metadata
-    if md.num_row_groups == 0:
-        return most
-    group = md.row_group(0)
-    wanted = set(columns)
-    size = sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)
-               if group.column(i).path_in_schema.split(".")[0] in wanted)
-    per_row = size / max(group.num_rows, 1)
-    return int(max(256, min(most, DECODE_BATCH_BYTES // max(per_row, 1.0))))
-
-
-def _read_batches(path: str, columns: Sequence[str], batch_rows: int):
-    pf = _open(path)
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
-    if missing:
-        raise InputError(f"{path}: no column(s) {', '.join(missing)} (has {', '.join(pf.schema_arrow.names)})")
-    try:
-        rows = rows_per_decode_batch(pf, columns, batch_rows)
-        for rb in pf.iter_batches(batch_size=rows, columns=list(columns)):
-            yield pa.Table.from_batches([rb])
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(f"{path}: corrupt Parquet data ({type(e).__name__}: {e})") from None
-
-
 def decode_unit(unit: FileUnit, seq_len: int, *, check: bool = True, batch_rows: int = 65536,
                 use_projection: bool = True, feature_columns: Sequence[str] = ()) -> Iterator[RequestChunk]:
     """Request-level chunks of one file task, in file order, whole requests only.
@@ -829,7 +727,7 @@ def _decode_unit(unit: FileUnit, seq_len: int, *, check: bool, batch_rows: int,
     skip = unit.skip_head
 
     def batches():
-        yield from _read_batches(unit.path, READ_COLUMNS, batch_rows)
+        yield from read_batches(unit.path, READ_COLUMNS, batch_rows)
         if unit.tail_path and unit.tail_rows:
             tail = pq.ParquetFile(unit.tail_path).iter_batches(batch_size=max(unit.tail_rows, 1),
                                                                columns=list(READ_COLUMNS))
@@ -855,7 +753,7 @@ def _decode_unit(unit: FileUnit, seq_len: int, *, check: bool, batch_rows: int,
 def _decode_projected(unit: FileUnit, seq_len: int, batch_rows: int) -> Iterator[RequestChunk]:
     """Chunks of a unit with a request-level projection: candidate columns from the wide
     file, the user block once per request from the projection, matched in order."""
-    requests = _read_batches(unit.requests_path, REQUEST_COLUMNS, max(1, batch_rows // 8))
+    requests = read_batches(unit.requests_path, REQUEST_COLUMNS, max(1, batch_rows // 8))
     held: pa.Table | None = None
     pending: pa.Table | None = None
 
@@ -880,7 +778,7 @@ def _decode_projected(unit: FileUnit, seq_len: int, batch_rows: int) -> Iterator
                              "differ): rebuild the request-level projection")
         return _chunk(ids[starts], req, counts, rows, seq_len, unit.path)
 
-    for table in _read_batches(unit.path, ("request_id", *CANDIDATE_COLUMNS), batch_rows):
+    for table in read_batches(unit.path, ("request_id", *CANDIDATE_COLUMNS), batch_rows):
         if pending is not None:
             table = pa.concat_tables([pending, table])
         ids = table.column("request_id").to_numpy()

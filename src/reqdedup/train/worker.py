@@ -200,6 +200,10 @@ def train(cfg: TrainConfig, settings, progress=None, progress_every_steps: int |
                  feature_columns=cfg.data.feature_columns)
     check_item_ids_fit(max_item_id(units), cfg.model.items)
     loader = RequestReader(units, reader_spec(cfg), rank=rank, world_size=world, pin_memory=device.type == "cuda")
+    if rank == 0:
+        projected = sum(u.requests_path is not None for u in units)
+        print(f"[train] {cfg.name}: {len(units)} data files, {projected} with their request-level projection "
+              "(the others decode every row's user block)", flush=True)
     model = RecModel(cfg.model)
     if cfg.train.sync_bn and world > 1:
         model = convert_sync_batchnorm(model.to(device))

@@ -20,7 +20,7 @@ TINY = ROOT / "configs" / "study_tiny.yaml"
 
 
 def test_shipped_study_configs_parse():
-    for name in ("study_tiny", "study_cpu", "study_gpu"):
+    for name in ("study_tiny", "study_cpu", "study_gpu", "study_ml100k", "study_crossing_cpu"):
         cfg = S.load_study(ROOT / "configs" / f"{name}.yaml")
         assert cfg["sweeps"] and len(cfg["seeds"]) >= 2
     gpu = S.load_study(ROOT / "configs" / "study_gpu.yaml")

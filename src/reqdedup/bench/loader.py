@@ -91,9 +91,15 @@ def run_variant(variant: str, args: dict) -> dict:
     from reqdedup.config import get_settings
     from reqdedup.train.reader import ReaderSpec, RequestReader, plan
 
+    import reqdedup.train.loader  # noqa: F401 (every variant imports the same modules before the baseline)
+
     settings = get_settings()
+    if settings.read_source == "iceberg":
+        import pyiceberg.catalog.sql  # noqa: F401
     days = args["days"]
     end = days[-1] if variant.startswith("new_all_dates") else days[0]
+    # The interpreter with torch, pyarrow and pyiceberg imported: what no loader goes under.
+    baseline = _rss_bytes(os.getpid())
     with PeakRss() as rss:
         t0 = time.perf_counter()
         requests = rows = 0
@@ -119,7 +125,8 @@ def run_variant(variant: str, args: dict) -> dict:
         seconds = time.perf_counter() - t0
     out = {"variant": variant, "dates": 1 if end == days[0] else len(days), "requests": requests, "rows": rows,
            "seconds": seconds, "requests_per_s": requests / seconds, "rows_per_s": rows / seconds,
-           "peak_rss_gb": rss.peak / 1e9}
+           "peak_rss_gb": rss.peak / 1e9, "baseline_rss_gb": baseline / 1e9,
+           "peak_rss_gb_above_baseline": (rss.peak - baseline) / 1e9}
     if first is not None and seconds > first[0]:
         out.update(first_batch_seconds=first[0],
                    steady_requests_per_s=(requests - first[1]) / (seconds - first[0]),
@@ -296,6 +303,7 @@ def _result(a, command, prepare_s, loaders, projected, trained, alone) -> dict:
         "peak_rss_gb_old": old["peak_rss_gb"],
         "peak_rss_gb_new": new["peak_rss_gb"],
         "rss_ratio_new_over_old": new["peak_rss_gb"] / old["peak_rss_gb"],
+        "rss_above_baseline_ratio_new_over_old": new["peak_rss_gb_above_baseline"] / old["peak_rss_gb_above_baseline"],
         **projected,
         "requests_per_s_new_without_projection": loaders["new_wide"]["requests_per_s"],
         "peak_rss_gb_new_without_projection": loaders["new_wide"]["peak_rss_gb"],

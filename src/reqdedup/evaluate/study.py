@@ -1027,6 +1027,7 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
                      for m in names}
         rows.append({"cell": cell, "seeds": seeds, "intervals": intervals})
     result = {"baseline": str(base_dir), "candidate": str(cand_dir), "model_difference": model_diff,
+              "calibration": {"baseline": base.get("calibration"), "candidate": cand.get("calibration")},
               "metrics": names, "level": cfg["eval"]["level"], "cells": rows,
               "command": "python -m reqdedup.evaluate.study " + " ".join(sys.argv[1:]),
               "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
@@ -1035,6 +1036,9 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
     lines = [f"# {cand['name']} ({cand_dir}) against {base['name']} ({base_dir})", "",
              f"- command: `{result['command']}`",
              f"- model settings that differ (baseline, candidate): {json.dumps(model_diff)}",
+             f"- training length, the same rule in both ({(base.get('calibration') or {}).get('rule', 'fixed')}): "
+             f"baseline {(base.get('calibration') or {}).get('rows', 'n/a'):,} rows, candidate "
+             f"{(cand.get('calibration') or {}).get('rows', 'n/a'):,} rows",
              f"- the same data, training length rule, seeds and eval requests; change = candidate / baseline - 1 "
              f"of the seed means, {int(100 * cfg['eval']['level'])}% interval (paired bootstrap over eval requests, "
              f"{cfg['eval']['bootstrap']} replicates, + seed spread)", "",

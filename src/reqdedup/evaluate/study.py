@@ -1033,12 +1033,16 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
               "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=1, default=float))
+
+    def rows_of(study: dict) -> str:
+        rows = (study.get("calibration") or {}).get("rows")
+        return f"{rows:,}" if isinstance(rows, int) else "n/a"
+
     lines = [f"# {cand['name']} ({cand_dir}) against {base['name']} ({base_dir})", "",
              f"- command: `{result['command']}`",
              f"- model settings that differ (baseline, candidate): {json.dumps(model_diff)}",
              f"- training length, the same rule in both ({(base.get('calibration') or {}).get('rule', 'fixed')}): "
-             f"baseline {(base.get('calibration') or {}).get('rows', 'n/a'):,} rows, candidate "
-             f"{(cand.get('calibration') or {}).get('rows', 'n/a'):,} rows",
+             f"baseline {rows_of(base)} rows, candidate {rows_of(cand)} rows",
              f"- the same data, training length rule, seeds and eval requests; change = candidate / baseline - 1 "
              f"of the seed means, {int(100 * cfg['eval']['level'])}% interval (paired bootstrap over eval requests, "
              f"{cfg['eval']['bootstrap']} replicates, + seed spread)", "",

@@ -335,10 +335,13 @@ def test_pipeline_on_the_stack_through_the_rest_api(stack):
     assert all(ti["state"] in ("success", "skipped") for ti in tis.values()), {t: ti["state"] for t, ti in tis.items()}
     assert tis["register"]["state"] == "success" and tis["train_and_evaluate"]["state"] == "success"
 
-    # Spark: the pipeline's applications ran on the standalone master, executors on both workers
-    apps = _executor_workers(stack, f"reqdedup-ingest-{E2E_DATE}")
-    assert apps, "no ingest application of the run on the master"
-    assert all(len(w) == 2 for w in apps.values()), apps
+    # Spark: the pipeline's applications ran on the standalone master, executors on both
+    # workers: sorting_ingest's, data_quality's and feature_columns' (named "reqdedup"; no
+    # other test of this file names one so), storage_report's
+    for app_name in (f"reqdedup-ingest-{E2E_DATE}", "reqdedup", "reqdedup-bench-storage"):
+        apps = _executor_workers(stack, app_name)
+        assert apps, f"no {app_name} application of the run on the master"
+        assert all(len(w) == 2 for w in apps.values()), (app_name, apps)
 
     # the catalog's rows are in Postgres (and no SQLite catalog appeared)
     import psycopg2
@@ -372,6 +375,9 @@ def test_pipeline_on_the_stack_through_the_rest_api(stack):
     versions = client.search_model_versions(f"name = '{name}'")
     assert len(versions) == 1
     assert client.get_model_version_by_alias(name, "challenger").version == versions[0].version
+    mv = client.get_model_version(name, versions[0].version)  # champion exactly as the gate decided
+    assert mv.tags.get("reqdedup.gate") in ("promoted", "refused") and mv.tags.get("reqdedup.register.complete") == "true"
+    assert ("champion" in mv.aliases) == (mv.tags["reqdedup.gate"] == "promoted"), (mv.aliases, mv.tags)
     assert any((stack.dir / "warehouse" / "mlartifacts").rglob("*")), "no artifacts under the served root"
     print(f"pipeline on the stack: {TIMINGS['pipeline_on_stack_s']} s (trigger to success)")
 

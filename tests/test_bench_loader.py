@@ -32,5 +32,9 @@ def test_bench_loader_writes_its_json(tmp_path):
     assert result["loaders"]["new_all_dates"]["requests"] == 600
     assert result["loaders"]["new_wide"]["requests"] == 300  # the reader without the projection
     assert result["data_files_with_projection"] == result["data_files"] > 0
+    # the reader as training reads it: every epoch the steps of both dates
+    epochs = result["loaders"]["new_epochs"]["epochs"]
+    assert len(epochs) == 4 and len({e["rows"] for e in epochs}) == 1 and epochs[0]["rows"] > 0
+    assert result["reader_epoch_rows_per_s_over_training"] > 0
     for key in FIELDS[3:]:
         assert result[key] > 0 if key != "data_wait_share" else 0 <= result[key] <= 1, key

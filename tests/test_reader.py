@@ -401,3 +401,54 @@ def test_decode_batches_shrink_as_rows_widen(tmp_path, sorted_rows, monkeypatch)
     size = sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)
                if group.column(i).path_in_schema.split(".")[0] in ("request_id", "item_id", "user_history"))
     assert wide == max(256, min(65536, int((64 << 10) // (size / group.num_rows))))
+
+
+def test_the_window_gathers_what_concatenating_its_chunks_would(folder):
+    from dataclasses import fields
+
+    from reqdedup.train.reader import RequestWindow, concat_chunks, requests_to_batch
+
+    chunks = [c for u in plan_files([folder]) for c in decode_unit(u, SEQ, batch_rows=150)]
+    assert len(chunks) > 4
+    window = RequestWindow()
+    for c in chunks:
+        window.add(c)
+    merged = concat_chunks(chunks)
+    chunk_of = np.repeat(np.arange(len(chunks)), [c.num_requests for c in chunks])
+    rng = np.random.default_rng(0)
+
+    def same(batch, req):  # the gathered batch holds req grouped by chunk, req's order within each
+        ref = requests_to_batch(merged, req[np.argsort(chunk_of[req], kind="stable")])
+        for f in fields(ref):
+            a, b = getattr(batch, f.name), getattr(ref, f.name)
+            assert (a is None and b is None) or torch.equal(a, b), f.name
+
+    req = rng.permutation(merged.num_requests)[:37]
+    same(window.gather(req), req)
+    # requests kept for the next drain stay references into their chunks: the same content
+    held = rng.permutation(merged.num_requests)[:23]
+    window.keep(held)
+    assert window.num_requests == 23 and len(window.chunks) == len(set(chunk_of[held].tolist()))
+    chunk_of, merged = chunk_of[held], requests_to_batch(merged, held)
+    sub = rng.permutation(23)[:11]
+    batch = window.gather(sub)
+    ref_order = sub[np.argsort(chunk_of[sub], kind="stable")]
+    assert batch.request_ids.tolist() == merged.request_ids[ref_order].tolist()
+    assert torch.equal(batch.history, merged.history[ref_order])
+    assert batch.num_rows == int(torch.isin(merged.row_request, torch.from_numpy(sub)).sum())
+
+
+def test_a_packed_chunk_is_one_shared_buffer_that_unpacks_to_the_same_chunk(folder):
+    from dataclasses import fields, replace
+
+    from reqdedup.train.reader import pack_chunk, unpack_chunk
+
+    chunk = next(decode_unit(plan_files([folder])[0], SEQ))
+    with_features = replace(chunk, features=torch.arange(chunk.num_rows * 3, dtype=torch.float32).reshape(-1, 3))
+    for c in (chunk, with_features):
+        packed = pack_chunk(c)
+        assert packed.buffer.is_shared() and packed.buffer.dtype == torch.uint8  # one descriptor to pass
+        back = unpack_chunk(packed)
+        for f in fields(c):
+            a, b = getattr(c, f.name), getattr(back, f.name)
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f.name

@@ -10,7 +10,10 @@ with torch, numpy and pyarrow only: `PYTHONPATH=src python -m reqdedup.bench.loa
 2. each loader variant runs in a fresh process (so its peak RSS is its own; DataLoader
    workers' RSS is added in): the old RequestLoader over date 1, the new reader over date 1
    (through the request-level projection where the source has one, and decoding every row),
-   and the new reader over all dates (RSS must not grow with the dates);
+   and the new reader over all dates (RSS must not grow with the dates), once as one pass
+   and once epoch after epoch as training reads it (``--reader-epochs``, the next epoch
+   started ahead, pinned on a GPU host: the reader-alone rate is that variant's median epoch
+   after the first);
 3. training through `reqdedup.train.worker.train` (the code `reqdedup train` runs), one
    process: per-row + iid, request-level + request_shuffle; and the request-level model
    alone on the same batches already on the device (no loader). Rates are medians over the
@@ -97,7 +100,8 @@ def run_variant(variant: str, args: dict) -> dict:
     if settings.read_source == "iceberg":
         import pyiceberg.catalog.sql  # noqa: F401
     days = args["days"]
-    end = days[-1] if variant.startswith("new_all_dates") else days[0]
+    end = days[-1] if variant.startswith("new_all_dates") or variant == "new_epochs" else days[0]
+    epochs: list[dict] = []
     # The interpreter with torch, pyarrow and pyiceberg imported: what no loader goes under.
     baseline = _rss_bytes(os.getpid())
     with PeakRss() as rss:
@@ -112,6 +116,23 @@ def run_variant(variant: str, args: dict) -> dict:
             for batch in loader.epoch(0):
                 requests += batch.num_requests
                 rows += batch.num_rows
+        elif variant == "new_epochs":
+            # As training reads: epoch after epoch through RequestReader.epoch, the next epoch's
+            # pipeline started while this one's last batches are taken, pinned where there is a GPU.
+            import torch
+
+            spec = ReaderSpec(order="request_shuffle", batch_rows=args["batch_rows"], seq_len=args["seq_len"],
+                              workers=args["workers"], streams=args["streams"], buffer_requests=args["buffer_requests"])
+            reader = RequestReader(plan(days[0], end, settings=settings), spec, pin_memory=torch.cuda.is_available())
+            epochs = []
+            for e in range(args["epochs"]):
+                t_e, rows_e = time.perf_counter(), 0
+                for batch in reader.epoch(e, next_epoch=e + 1 if e + 1 < args["epochs"] else None):
+                    requests += batch.num_requests
+                    rows_e += batch.num_rows
+                epochs.append({"rows": rows_e, "seconds": time.perf_counter() - t_e})
+                rows += rows_e
+            reader.close()
         else:
             spec = ReaderSpec(order="request_shuffle", batch_rows=args["batch_rows"], seq_len=args["seq_len"],
                               workers=args["workers"], streams=args["streams"], buffer_requests=args["buffer_requests"],
@@ -127,6 +148,10 @@ def run_variant(variant: str, args: dict) -> dict:
            "seconds": seconds, "requests_per_s": requests / seconds, "rows_per_s": rows / seconds,
            "peak_rss_gb": rss.peak / 1e9, "baseline_rss_gb": baseline / 1e9,
            "peak_rss_gb_above_baseline": (rss.peak - baseline) / 1e9}
+    if epochs:
+        rates = [e["rows"] / e["seconds"] for e in epochs]
+        out.update(epochs=epochs, epoch_rows_per_s=rates,
+                   epoch_rows_per_s_median_after_first=statistics.median(rates[1:] if len(rates) > 1 else rates))
     if first is not None and seconds > first[0]:
         out.update(first_batch_seconds=first[0],
                    steady_requests_per_s=(requests - first[1]) / (seconds - first[0]),
@@ -241,7 +266,8 @@ def run(a, command: str) -> dict:
     first_files = sum(1 for u in units if u.partition[0] == units[0].partition[0])
     capped = {**vargs, "workers": min(a.workers, first_files), "streams": min(a.streams, first_files)}
     # new_wide: the same reader decoding every row's user block instead of the projection
-    variants = {"old": vargs, "new": vargs, "new_wide": vargs, "new_all_dates": capped, "new_all_dates_full": vargs}
+    variants = {"old": vargs, "new": vargs, "new_wide": vargs, "new_all_dates": capped, "new_all_dates_full": vargs,
+                "new_epochs": {**vargs, "epochs": a.reader_epochs}}
     loaders = {}
     for v, v_args in variants.items():
         loaders[v] = _variant_in_subprocess(v, v_args, env)
@@ -324,6 +350,9 @@ def _result(a, command, prepare_s, loaders, projected, trained, alone) -> dict:
             "reader_rows_per_s_over_training": loaders["new_all_dates_full"]["rows_per_s"] / rl["rows_per_s"],
             "reader_steady_rows_per_s_over_training":
                 loaders["new_all_dates_full"].get("steady_rows_per_s", float("nan")) / rl["rows_per_s"],
+            # the reader as training reads it (epochs with the next one started ahead), median after the first
+            "reader_epoch_rows_per_s_over_training":
+                loaders["new_epochs"]["epoch_rows_per_s_median_after_first"] / rl["rows_per_s"],
         })
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
@@ -352,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the per-row run trains on these buckets of date 1 (it is slow): 0,1,... or all")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--model-only-steps", type=int, default=20)
+    p.add_argument("--reader-epochs", type=int, default=4, help="epochs of the reader-alone variant read as training does")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--d-model", type=int, default=256)
@@ -382,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("device", "candidates_per_request", "seq_len", "requests_per_s_old", "requests_per_s_new", "reader_speedup",
             "peak_rss_gb_old", "peak_rss_gb_new", "rss_growth_all_dates_over_one", "train_rows_per_s_request_level",
             "train_rows_per_s_per_row", "end_to_end_speedup", "model_only_rows_per_s_request_level",
-            "end_to_end_share_of_model_only", "data_wait_share")
+            "end_to_end_share_of_model_only", "data_wait_share", "reader_epoch_rows_per_s_over_training")
     print(json.dumps({k: result[k] for k in keys if k in result}, indent=2))
     return 0
 

@@ -884,16 +884,65 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         while gens:
             for s in list(gens):
                 try:
-                    yield s, next(gens[s])
+                    chunk = next(gens[s])
                 except StopIteration:
                     del gens[s]
                     yield s, None
+                    continue
+                yield s, (pack_chunk(chunk) if info is not None else chunk)
 
     def _stream(self, s: int):
         for unit in self.streams[s]:
             yield from decode_unit(unit, self.spec.seq_len, check=self.spec.check,
                                    use_projection=self.spec.use_projection,
                                    feature_columns=self.spec.feature_columns)
+
+
+def _import_pandas_before_fork() -> None:
+    """pyarrow imports pandas (when installed) at its first array conversion: 0.5-2.5 s, paid
+    by every decode worker of every epoch when the parent never converted one. Imported once
+    here, the forked workers share it."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        pass
+
+
+_ALIGN = 64  # byte offset of every field in a packed chunk (any dtype's view is aligned)
+
+
+@dataclass(frozen=True)
+class PackedChunk:
+    """A RequestChunk as ONE uint8 tensor in shared memory plus its layout (name, dtype,
+    shape, byte offset) of each field."""
+
+    buffer: torch.Tensor
+    layout: tuple
+
+
+def pack_chunk(chunk: RequestChunk) -> PackedChunk:
+    """What a DataLoader worker hands the trainer: one file descriptor per chunk instead of
+    one per field (each costs the receiver a socket round trip, ~1 ms: with 13 fields that,
+    not decoding, bounded the reader)."""
+    layout, offset = [], 0
+    for f in fields(RequestChunk):
+        t = getattr(chunk, f.name)
+        layout.append((f.name, t.dtype, tuple(t.shape), offset))
+        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    buffer = torch.empty(max(offset, 1), dtype=torch.uint8).share_memory_()
+    for name, _dtype, _shape, at in layout:
+        t = getattr(chunk, name).contiguous()
+        buffer[at:at + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+    return PackedChunk(buffer, tuple(layout))
+
+
+def unpack_chunk(packed: PackedChunk) -> RequestChunk:
+    """The RequestChunk of :func:`pack_chunk`: views into its one buffer, no copy."""
+    out = {}
+    for name, dtype, shape, at in packed.layout:
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        out[name] = packed.buffer[at:at + n].view(dtype).view(shape)
+    return RequestChunk(**out)
 
 
 def _decode_worker_init(_worker_id: int) -> None:
@@ -912,7 +961,7 @@ def _round_robin(tagged: Iterator, n_streams: int) -> Iterator[RequestChunk]:
         s = live[i % len(live)]
         while not pending[s]:
             t, chunk = next(tagged)
-            pending[t].append(chunk)
+            pending[t].append(unpack_chunk(chunk) if isinstance(chunk, PackedChunk) else chunk)
         chunk = pending[s].popleft()
         if chunk is None:
             live.remove(s)
@@ -975,47 +1024,124 @@ def _batch(chunk: RequestChunk, req: np.ndarray, row_request: np.ndarray, rows: 
         dense_features=take(chunk.features, 0, n) if chunk.features.shape[1] else None)
 
 
-def _take_requests(chunk: RequestChunk, req: np.ndarray) -> RequestChunk:
-    """A chunk of only the requests ``req`` (for the carry-over between windows)."""
-    b = requests_to_batch(chunk, req)
-    return RequestChunk(request_id=b.request_ids, user_id=b.user_ids, history=b.history,
-                        history_len=b.history_len, user_dense=b.user_dense, user_segment=b.user_segment,
-                        user_country=b.user_country, cand_count=chunk.cand_count[torch.from_numpy(np.asarray(req, np.int64))],
-                        item_id=b.item_id,
-                        item_category=b.item_category, item_dense=b.item_dense, label=b.label,
-                        features=b.dense_features if b.dense_features is not None
-                        else torch.zeros((b.num_rows, 0), dtype=torch.float32))
+class RequestWindow:
+    """The requests held for shuffling, as references into the chunks they were decoded in.
+
+    Nothing is copied until a batch is gathered (:meth:`gather`: one copy per field, straight
+    from each chunk into the batch); the requests left over after a drain stay references
+    (:meth:`keep`). Requests are indexed in arrival order, the same positions as the
+    concatenation of the chunks would have."""
+
+    def __init__(self):
+        self.chunks: list[RequestChunk] = []
+        self.num_requests = 0
+        # per held request: its chunk, its index in that chunk, its candidate rows (lists of
+        # arrays until read, so adding a chunk costs O(its requests) however full the window)
+        self._columns: list[list[np.ndarray]] = [[], [], []]
+
+    def add(self, chunk: RequestChunk) -> None:
+        n = chunk.num_requests
+        for column, values in zip(self._columns, (np.full(n, len(self.chunks), np.int64),
+                                                  np.arange(n, dtype=np.int64), chunk.cand_count.numpy())):
+            column.append(values)
+        self.chunks.append(chunk)
+        self.num_requests += n
+
+    def _column(self, i: int) -> np.ndarray:
+        column = self._columns[i]
+        if len(column) != 1:
+            column[:] = [np.concatenate(column) if column else np.zeros(0, np.int64)]
+        return column[0]
+
+    @property
+    def chunk_of(self) -> np.ndarray:
+        return self._column(0)
+
+    @property
+    def local(self) -> np.ndarray:
+        return self._column(1)
+
+    @property
+    def cand_count(self) -> np.ndarray:
+        return self._column(2)
+
+    def keep(self, held: np.ndarray) -> None:
+        """Hold only requests ``held`` (in that order); chunks no longer referenced are freed."""
+        used, chunk_of = np.unique(self.chunk_of[held], return_inverse=True)
+        local, cand_count = self.local[held], self.cand_count[held]
+        self.chunks = [self.chunks[int(k)] for k in used]
+        self._columns = [[chunk_of.reshape(-1).astype(np.int64)], [local], [cand_count]]
+        self.num_requests = int(held.size)
+
+    def gather(self, req: np.ndarray, pin_memory: bool = False) -> RequestBatch:
+        """The held requests ``req`` as one RequestBatch, grouped by source chunk (in chunk
+        order; ``req``'s order within each chunk): each chunk's part is one contiguous slice
+        of the batch, filled by index_select with ``out=``, into pinned memory when asked."""
+        req = np.asarray(req, np.int64)
+        group = np.argsort(self.chunk_of[req], kind="stable")
+        chunk_of, local = self.chunk_of[req][group], self.local[req][group]
+        runs = np.flatnonzero(np.r_[True, chunk_of[1:] != chunk_of[:-1]]) if req.size else np.zeros(0, np.int64)
+        ends = np.r_[runs[1:], req.size].astype(np.int64)
+        parts = []  # (chunk, its requests, its candidate rows, request offset, row offset)
+        row_request, n_rows = [], 0
+        for a, b in zip(runs, ends):
+            chunk = self.chunks[int(chunk_of[a])]
+            rr, rows = request_rows(chunk.cand_count.numpy(), local[a:b])
+            parts.append((chunk, torch.from_numpy(local[a:b]), torch.from_numpy(rows), int(a), n_rows))
+            row_request.append(rr + a)
+            n_rows += rows.size
+        first = self.chunks[0]
+
+        def fill(name: str, per_row: bool) -> torch.Tensor:
+            like = getattr(first, name)
+            out = torch.empty((n_rows if per_row else req.size, *like.shape[1:]), dtype=like.dtype,
+                              pin_memory=pin_memory)
+            for chunk, reqs, rows, r0, n0 in parts:
+                index = rows if per_row else reqs
+                torch.index_select(getattr(chunk, name), 0, index, out=out[n0 if per_row else r0:][:index.numel()])
+            return out
+
+        rr = np.concatenate(row_request) if row_request else np.zeros(0, np.int64)
+        features = fill("features", True)
+        return RequestBatch(
+            user_ids=fill("user_id", False), history=fill("history", False), history_len=fill("history_len", False),
+            user_dense=fill("user_dense", False), user_segment=fill("user_segment", False),
+            user_country=fill("user_country", False),
+            row_request=torch.from_numpy(rr).pin_memory() if pin_memory else torch.from_numpy(rr),
+            item_id=fill("item_id", True), item_category=fill("item_category", True),
+            item_dense=fill("item_dense", True), label=fill("label", True), request_ids=fill("request_id", False),
+            dense_features=features if features.shape[1] else None)
 
 
-def batches_in_order(chunks: Iterator[RequestChunk], spec: ReaderSpec, epoch: int, rank: int) -> Iterator[RequestBatch]:
-    """RequestBatches of one epoch from the ordered chunk stream, in ``spec.order``."""
+def batches_in_order(chunks: Iterator[RequestChunk], spec: ReaderSpec, epoch: int, rank: int,
+                     pin_memory: bool = False) -> Iterator[RequestBatch]:
+    """RequestBatches of one epoch from the ordered chunk stream, in ``spec.order`` (in
+    pinned memory with ``pin_memory``)."""
     rng = epoch_rng(spec.seed, epoch, 1000 + rank)
     if spec.order == "iid":
-        yield from _iid_batches(chunks, spec, rng)
+        for batch in _iid_batches(chunks, spec, rng):
+            yield pin(batch) if pin_memory else batch
         return
     limit = 1 if spec.order == "table" else spec.buffer_requests
-    window: list[RequestChunk] = []
-    held = 0
+    window = RequestWindow()
     for chunk in chunks:
-        window.append(chunk)
-        held += chunk.num_requests
-        if limit is not None and held >= limit:
-            carry = yield from _drain_requests(concat_chunks(window), spec, rng, final=False)
-            window, held = ([carry] if carry is not None else []), (carry.num_requests if carry is not None else 0)
-    if window:
-        yield from _drain_requests(concat_chunks(window), spec, rng, final=True)
+        window.add(chunk)
+        if limit is not None and window.num_requests >= limit:
+            yield from _drain_requests(window, spec, rng, final=False, pin_memory=pin_memory)
+    if window.num_requests:
+        yield from _drain_requests(window, spec, rng, final=True, pin_memory=pin_memory)
 
 
-def _drain_requests(window: RequestChunk, spec: ReaderSpec, rng, final: bool):
+def _drain_requests(window: RequestWindow, spec: ReaderSpec, rng, final: bool, pin_memory: bool):
+    """Batches of the window's requests in the order's permutation; all but the last
+    (unfilled) batch unless ``final``, whose requests stay in the window for the next drain."""
     order = (np.arange(window.num_requests) if spec.order == "table" or spec.buffer_requests == 1
              else rng.permutation(window.num_requests))
-    batches = pack_requests(window.cand_count.numpy()[order], spec.batch_rows)
+    batches = pack_requests(window.cand_count[order], spec.batch_rows)
     keep = batches if final else batches[:-1]
     for b in keep:
-        yield requests_to_batch(window, order[b])
-    if final or not batches:
-        return None
-    return _take_requests(window, order[batches[-1]])
+        yield window.gather(order[b], pin_memory)
+    window.keep(np.zeros(0, np.int64) if final or not batches else order[batches[-1]])
 
 
 def _iid_batches(chunks: Iterator[RequestChunk], spec: ReaderSpec, rng) -> Iterator[RequestBatch]:
@@ -1113,14 +1239,16 @@ class RequestReader:
         dataset = _StreamDataset(streams, self.spec)
         if self.spec.workers == 0:
             return _round_robin(iter(dataset), len(streams))
+        _import_pandas_before_fork()
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(self.spec.workers, len(streams)),
                                              prefetch_factor=2, multiprocessing_context="fork",
                                              worker_init_fn=_decode_worker_init)
         return _round_robin(iter(loader), len(streams))
 
     def batches(self, epoch: int) -> Iterator[RequestBatch]:
-        """Every batch this rank's data gives in one epoch (no step limit, no prefetch)."""
-        return batches_in_order(self.chunks(epoch), self.spec, epoch, self.rank)
+        """Every batch this rank's data gives in one epoch (no step limit, no prefetch), in
+        pinned memory when the reader pins."""
+        return batches_in_order(self.chunks(epoch), self.spec, epoch, self.rank, pin_memory=self.pin_memory)
 
     def epoch(self, epoch: int, next_epoch: int | None = None) -> Iterator[RequestBatch]:
         """The epoch's first ``steps_per_epoch()`` batches, packed ahead in a thread.
@@ -1174,7 +1302,7 @@ class RequestReader:
                     batch = next(it, None)
                     if batch is None:
                         raise RuntimeError(f"rank {self.rank} ran out of batches before step {steps}")
-                    if not put(pin(batch) if self.pin_memory else batch):
+                    if not put(batch):
                         return
                 it.close()  # the rest of the epoch is not read: its decode workers exit now
                 nxt = self._then.pop(epoch, None)

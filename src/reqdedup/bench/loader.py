@@ -57,11 +57,20 @@ def _rss_bytes(pid: int) -> int:
 
 
 def _children(pid: int) -> list[int]:
+    """Descendants of ``pid``, forked by any of its threads (the reader's packing thread
+    forks the decode workers of an epoch started ahead: /proc/PID/task/TID/children lists
+    only what thread TID forked)."""
+    kids = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(x) for x in f.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
     return kids + [g for k in kids for g in _children(k)]
 
 

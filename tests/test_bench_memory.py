@@ -7,7 +7,8 @@ import os
 import threading
 import time
 
-from reqdedup.bench.loader import PeakRss, _children, _rss_bytes
+from reqdedup.bench.loader import PeakRss, _rss_bytes
+from reqdedup.bench.proctree import descendants
 
 
 def _hold(mb: int, seconds: float) -> None:
@@ -30,6 +31,6 @@ def test_a_child_forked_by_another_thread_is_counted():
         t = threading.Thread(target=fork_from_this_thread)
         t.start()
         time.sleep(0.8)
-        assert procs and procs[0].pid in _children(os.getpid())
+        assert procs and procs[0].pid in descendants(os.getpid())
         t.join()
     assert rss.peak - base > 150 << 20, (rss.peak, base)

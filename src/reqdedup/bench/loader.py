@@ -37,6 +37,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from reqdedup.bench.proctree import descendants
+
 DATE0 = "2026-02-01"
 
 
@@ -56,24 +58,6 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _children(pid: int) -> list[int]:
-    """Descendants of ``pid``, forked by any of its threads (the reader's packing thread
-    forks the decode workers of an epoch started ahead: /proc/PID/task/TID/children lists
-    only what thread TID forked)."""
-    kids = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return []
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-        except OSError:
-            continue
-    return kids + [g for k in kids for g in _children(k)]
-
-
 class PeakRss:
     """Samples the memory (PSS) of this process plus its descendants every 20 ms; ``peak`` in bytes."""
 
@@ -84,7 +68,7 @@ class PeakRss:
     def _run(self):
         me = os.getpid()
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes(me) + sum(_rss_bytes(c) for c in _children(me)))
+            self.peak = max(self.peak, _rss_bytes(me) + sum(_rss_bytes(c) for c in descendants(me)))
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -125,33 +109,32 @@ def run_variant(variant: str, args: dict) -> dict:
             for batch in loader.epoch(0):
                 requests += batch.num_requests
                 rows += batch.num_rows
-        elif variant == "new_epochs":
-            # As training reads: epoch after epoch through RequestReader.epoch, the next epoch's
-            # pipeline started while this one's last batches are taken, pinned where there is a GPU.
+        else:
             import torch
 
             spec = ReaderSpec(order="request_shuffle", batch_rows=args["batch_rows"], seq_len=args["seq_len"],
-                              workers=args["workers"], streams=args["streams"], buffer_requests=args["buffer_requests"])
-            reader = RequestReader(plan(days[0], end, settings=settings), spec, pin_memory=torch.cuda.is_available())
-            epochs = []
-            for e in range(args["epochs"]):
-                t_e, rows_e = time.perf_counter(), 0
-                for batch in reader.epoch(e, next_epoch=e + 1 if e + 1 < args["epochs"] else None):
-                    requests += batch.num_requests
-                    rows_e += batch.num_rows
-                epochs.append({"rows": rows_e, "seconds": time.perf_counter() - t_e})
-                rows += rows_e
-            reader.close()
-        else:
-            spec = ReaderSpec(order="request_shuffle", batch_rows=args["batch_rows"], seq_len=args["seq_len"],
                               workers=args["workers"], streams=args["streams"], buffer_requests=args["buffer_requests"],
                               use_projection=variant != "new_wide")
-            reader = RequestReader(plan(days[0], end, settings=settings), spec)
-            for batch in reader.batches(0):
-                if first is None:  # start-up: workers forked, first files opened, buffer filled
-                    first = (time.perf_counter() - t0, batch.num_requests, batch.num_rows)
-                requests += batch.num_requests
-                rows += batch.num_rows
+            # new_epochs reads as training does: pinned where there is a GPU
+            reader = RequestReader(plan(days[0], end, settings=settings), spec,
+                                   pin_memory=variant == "new_epochs" and torch.cuda.is_available())
+            if variant == "new_epochs":
+                # epoch after epoch through RequestReader.epoch, the next epoch's pipeline
+                # started while this one's last batches are taken
+                for e in range(args["epochs"]):
+                    t_e, rows_e = time.perf_counter(), 0
+                    for batch in reader.epoch(e, next_epoch=e + 1 if e + 1 < args["epochs"] else None):
+                        requests += batch.num_requests
+                        rows_e += batch.num_rows
+                    epochs.append({"rows": rows_e, "seconds": time.perf_counter() - t_e})
+                    rows += rows_e
+                reader.close()
+            else:
+                for batch in reader.batches(0):
+                    if first is None:  # start-up: workers forked, first files opened, buffer filled
+                        first = (time.perf_counter() - t0, batch.num_requests, batch.num_rows)
+                    requests += batch.num_requests
+                    rows += batch.num_rows
         seconds = time.perf_counter() - t0
     out = {"variant": variant, "dates": 1 if end == days[0] else len(days), "requests": requests, "rows": rows,
            "seconds": seconds, "requests_per_s": requests / seconds, "rows_per_s": rows / seconds,

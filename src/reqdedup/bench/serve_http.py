@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
+from reqdedup.bench.proctree import descendants
 from reqdedup.contract import ITEM_DENSE_DIM, NUM_CATEGORIES, NUM_COUNTRIES, NUM_SEGMENTS, USER_DENSE_DIM
 
 MAX_SECONDS = 3600
@@ -76,29 +77,10 @@ def synthetic_records(count: int, candidates: int, history: int, items: int, see
 
 
 # ---- RSS of a process tree (Linux /proc) --------------------------------------------------
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            kids.append(int(entry.name))
-    return kids
-
-
 def tree_rss_bytes(pid: int) -> int:
     """Resident set size of `pid` and all its descendants, in bytes (0 when gone)."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
+    total = 0
+    for p in [pid, *descendants(pid)]:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -106,7 +88,6 @@ def tree_rss_bytes(pid: int) -> int:
                     break
         except OSError:
             continue
-        todo.extend(_children(p))
     return total
 
 

@@ -914,7 +914,7 @@ _ALIGN = 64  # byte offset of every field in a packed chunk (any dtype's view is
 @dataclass(frozen=True)
 class PackedChunk:
     """A RequestChunk as ONE uint8 tensor in shared memory plus its layout (name, dtype,
-    shape, byte offset) of each field."""
+    shape, byte offset, bytes) of each field."""
 
     buffer: torch.Tensor
     layout: tuple
@@ -927,22 +927,19 @@ def pack_chunk(chunk: RequestChunk) -> PackedChunk:
     layout, offset = [], 0
     for f in fields(RequestChunk):
         t = getattr(chunk, f.name)
-        layout.append((f.name, t.dtype, tuple(t.shape), offset))
-        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+        nbytes = t.numel() * t.element_size()
+        layout.append((f.name, t.dtype, tuple(t.shape), offset, nbytes))
+        offset += -(-nbytes // _ALIGN) * _ALIGN
     buffer = torch.empty(max(offset, 1), dtype=torch.uint8).share_memory_()
-    for name, _dtype, _shape, at in layout:
-        t = getattr(chunk, name).contiguous()
-        buffer[at:at + t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+    for name, _dtype, _shape, at, nbytes in layout:
+        buffer[at:at + nbytes].copy_(getattr(chunk, name).contiguous().reshape(-1).view(torch.uint8))
     return PackedChunk(buffer, tuple(layout))
 
 
 def unpack_chunk(packed: PackedChunk) -> RequestChunk:
     """The RequestChunk of :func:`pack_chunk`: views into its one buffer, no copy."""
-    out = {}
-    for name, dtype, shape, at in packed.layout:
-        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        out[name] = packed.buffer[at:at + n].view(dtype).view(shape)
-    return RequestChunk(**out)
+    return RequestChunk(**{name: packed.buffer[at:at + nbytes].view(dtype).view(shape)
+                           for name, dtype, shape, at, nbytes in packed.layout})
 
 
 def _decode_worker_init(_worker_id: int) -> None:

@@ -20,7 +20,8 @@ TINY = ROOT / "configs" / "study_tiny.yaml"
 
 
 def test_shipped_study_configs_parse():
-    for name in ("study_tiny", "study_cpu", "study_gpu", "study_ml100k", "study_crossing_cpu"):
+    for name in ("study_tiny", "study_cpu", "study_cpu_256", "study_gpu", "study_gpu_256", "study_ml100k",
+                 "study_crossing_cpu"):
         cfg = S.load_study(ROOT / "configs" / f"{name}.yaml")
         assert cfg["sweeps"] and len(cfg["seeds"]) >= 2
     gpu = S.load_study(ROOT / "configs" / "study_gpu.yaml")
@@ -161,3 +162,28 @@ def test_compare_two_studies_cell_by_cell(tmp_path):
     (tmp_path / "cross" / "study.json").write_text(json.dumps(study))
     with pytest.raises(InputError, match="config.seeds differs"):
         S.compare_studies(tmp_path / "two", tmp_path / "cross", tmp_path / "cmp")
+
+
+def test_early_stopping_scores_the_model_at_its_best_validation_point(tiny_data):
+    """budget.select best_validation: the reported eval metrics are the model's at the curve
+    point of its best validation AUC, not the model after the last step."""
+    cfg, data = tiny_data
+    r = S.run_one(cfg, data, _task("naive", "request_shuffle:all", rows=2400, points=6, select="best_validation"),
+                  torch.device("cpu"))
+    best = max(r["curve"], key=lambda p: p["validation_auc"])
+    assert r["selected_rows"] == best["rows"]
+    assert r["selected_rows"] < r["curve"][-1]["rows"]  # this seed's best is not the last point, so the check bites
+    assert r["metrics"]["auc"] == pytest.approx(best["auc"], abs=1e-6)
+    assert r["metrics"]["auc"] != pytest.approx(r["curve"][-1]["auc"], abs=1e-6)
+
+
+def test_early_stopping_config_skips_the_calibration_run(tmp_path):
+    cfg = S.load_study(TINY)
+    cfg["budget"].update(select="best_validation", max_epochs=3)
+    st = S.Study(cfg, tmp_path / "out", tmp_path / "work")
+    st.data_info = {"train_rows": 1000, "train_requests": 50}
+    assert st.calibrate() == 3000 and st.calibration["select"] == "best_validation"
+    import yaml
+
+    with pytest.raises(InputError, match="budget.select"):
+        S.parse_study({**yaml.safe_load(TINY.read_text()), "budget": {"select": "best"}}, "t.yaml")

@@ -14,7 +14,10 @@ its change against iid. One process per GPU-host command, torch + numpy + pyarro
    the budget's requests per step, evaluated on the VALIDATION dates (not the eval dates)
    at ``curve_points`` points up to ``max_epochs``; the row budget is the first point where
    its validation AUC is within ``tolerance`` of the best and stays there
-   (`metrics.converged_rows`). Or a fixed ``budget.rows``.
+   (`metrics.converged_rows`). Or a fixed ``budget.rows``. Or, with ``budget.select:
+   best_validation``, early stopping: every run trains up to ``max_epochs`` (or
+   ``budget.rows``) and is scored on the eval dates at the point of its own best
+   validation AUC among ``curve_points`` points (the same rule for every config).
 3. **Compute-matched** (optional, run alone on the device): iid and a request-level config
    train for the same training seconds; eval metrics against training seconds.
 4. **Sweeps**: cells (variant, requests per global step, order), seeds, run by ``workers``
@@ -59,6 +62,9 @@ VARIANTS: dict[str, dict] = {
     "fixed_mixed": {"sync_bn": True, "mask_same_user": True, "mixed": True},
     "fixed_logq_mixed": {"sync_bn": True, "mask_same_user": True, "logq": True, "mixed": True},
 }
+# How a run's reported model is chosen: the model after the row budget, or (early stopping)
+# the one at its best validation AUC among budget.curve_points points.
+SELECT_RULES = ("last", "best_validation")
 BASELINE = BASELINE_CONFIG  # the study's baseline variant is the evaluation's baseline config
 DEFAULTS = {
     "name": "study",
@@ -68,7 +74,8 @@ DEFAULTS = {
     "model": {},
     "train": {"lr": 0.002, "weight_decay": 0.0, "temperature": 0.1, "retrieval_weight": 1.0, "devices": 4,
               "mixed_precision": "auto", "mixed_negatives": 256, "logq_alpha": 0.01, "threads": None},
-    "budget": {"rows": None, "requests_per_step": 256, "max_epochs": 4, "curve_points": 8, "tolerance": 0.002},
+    "budget": {"rows": None, "requests_per_step": 256, "max_epochs": 4, "curve_points": 8, "tolerance": 0.002,
+               "select": "last"},
     "compute": None,
     "sweeps": [],
     "seeds": [0, 1, 2, 3, 4],
@@ -202,6 +209,8 @@ def parse_study(raw: dict, source: str = "study config") -> dict:
     b = cfg["budget"]
     if b["rows"] is not None and (not isinstance(b["rows"], int) or b["rows"] < 1):
         raise InputError(f"{source}: budget.rows must be null (the iid-converged rule) or an integer >= 1")
+    if b["select"] not in SELECT_RULES:
+        raise InputError(f"{source}: budget.select must be one of {', '.join(SELECT_RULES)}, got {b['select']!r}")
     cfg["source"] = source
     return cfg
 
@@ -467,6 +476,8 @@ def run_one(cfg: dict, data: Data, task: dict, device) -> dict:
     budget_s = task.get("seconds")
     points = task.get("curve_points", 0)
     curve_set = data.validation if task.get("curve_on") == "validation" else data.eval
+    early_stop = task.get("select") == "best_validation"
+    best = {"auc": -math.inf, "rows": 0, "state": None}
     marks = ([budget_rows * (i + 1) / points for i in range(points)] if budget_rows and points else
              [budget_s * (i + 1) / points for i in range(points)] if budget_s and points else [])
     curve, rows_seen, steps, train_s = [], 0, 0, 0.0
@@ -476,7 +487,14 @@ def run_one(cfg: dict, data: Data, task: dict, device) -> dict:
     def at_mark():
         nonlocal marks
         m, _ = score(model, curve_set, k, full=False)
-        curve.append({"rows": rows_seen, "train_seconds": train_s, "steps": steps, **m})
+        point = {"rows": rows_seen, "train_seconds": train_s, "steps": steps, **m}
+        if early_stop:  # select on validation; the curve stays the eval metrics
+            v_auc = score(model, data.validation, k, full=False)[0]["auc"]
+            point["validation_auc"] = v_auc
+            if v_auc > best["auc"]:
+                best.update(auc=v_auc, rows=rows_seen,
+                            state={n: t.detach().clone() for n, t in model.state_dict().items()})
+        curve.append(point)
         marks = marks[1:]
 
     epoch, done = 0, False
@@ -527,10 +545,13 @@ def run_one(cfg: dict, data: Data, task: dict, device) -> dict:
     train_s += time.perf_counter() - t_last
     if marks:  # budget reached between marks (or at the last one)
         at_mark()
+    if early_stop and best["state"] is not None:
+        model.load_state_dict(best["state"])
     metrics, arrays = score(model, data.eval, k, full=True)
     return {**{key: task[key] for key in ("cell", "variant", "requests_per_step", "order", "seed", "phase")},
             "metrics": metrics, "curve": curve, "rows_seen": rows_seen, "steps": steps, "epochs_started": epoch,
             "train_seconds": train_s, "rows_per_s": rows_seen / max(train_s, 1e-9), "batch_rows": batch_rows,
+            "selected_rows": best["rows"] if early_stop else rows_seen,
             "false_negative_rate": float(np.mean(fnr)) if fnr else float("nan"),
             "masked_fraction": float(np.mean(masked)) if masked else float("nan"),
             "users_per_device_batch": float(np.mean(users)) if users else float("nan"),
@@ -694,11 +715,18 @@ class Study:
     # ----- phases -----
     def calibrate(self) -> int:
         b = self.cfg["budget"]
+        rows = self.data_info["train_rows"]
+        max_rows = int(b["max_epochs"] * rows)
+        if b["select"] == "best_validation":
+            cap = int(b["rows"]) if b["rows"] is not None else max_rows
+            self.calibration = {"rule": f"early stopping: every run trains up to {cap:,} rows and is scored at the "
+                                        f"point of its best validation AUC among {b['curve_points']} points",
+                                "rows": cap, "epochs": cap / rows, "select": "best_validation"}
+            self.log(f"training length: {self.calibration['rule']}")
+            return cap
         if b["rows"] is not None:
             self.calibration = {"rule": "fixed", "rows": b["rows"]}
             return int(b["rows"])
-        rows = self.data_info["train_rows"]
-        max_rows = int(b["max_epochs"] * rows)
         task = {"cell": cell_key(BASELINE, b["requests_per_step"], "iid"), "variant": BASELINE,
                 "requests_per_step": b["requests_per_step"], "order": "iid", "seed": self.cfg["seeds"][0],
                 "phase": "calibration", "rows": max_rows, "curve_points": b["curve_points"], "curve_on": "validation"}
@@ -747,14 +775,17 @@ class Study:
         by_sweep: dict[str, list[dict]] = {}
         for c in cells:
             by_sweep.setdefault(c["sweep"], []).append(c)
+        b = self.cfg["budget"]
+        points = ({"select": "best_validation", "curve_points": b["curve_points"]} if b["select"] == "best_validation"
+                  else {"curve_points": self.cfg["eval"]["curve_points"]})  # early stopping: validation at each point
         for sweep, cs in by_sweep.items():
             for seed in self.cfg["seeds"]:
                 for c in cs:
                     tasks.append({"cell": c["key"], "variant": c["variant"], "requests_per_step": c["requests_per_step"],
                                   "order": c["order"], "seed": seed, "phase": "sweep", "sweep": sweep, "rows": budget,
-                                  "curve_points": self.cfg["eval"]["curve_points"], "curve_on": "eval"})
+                                  "curve_on": "eval", **points})
         self.log(f"sweeps: {len(cells)} cells x {len(self.cfg['seeds'])} seeds = {len(tasks)} runs, "
-                 f"{budget:,} training rows each")
+                 f"{budget:,} training rows each" + (" at most (early stopping)" if "select" in points else ""))
         self.run_tasks(tasks, self.add_run)
 
     def add_run(self, r: dict) -> None:
@@ -880,6 +911,13 @@ def markdown(s: dict) -> str:
                      + f" | {ni} | {_mean([r['false_negative_rate'] for r in rs]):.3f} | "
                      f"{_mean([r['users_per_device_batch'] for r in rs]):.1f} | "
                      f"{_mean([r['rows_per_s'] for r in rs]):,.0f} |")
+    if (cal or {}).get("select") == "best_validation" and sweep_runs:
+        lines += ["", "## Training length each run selected (early stopping on the validation dates)", "",
+                  "| cell | rows at the best validation AUC: mean (min-max) | epochs (mean) |", "| --- | ---: | ---: |"]
+        for c in cells:
+            sel = [r["selected_rows"] for r in sweep_runs if r["cell"] == c]
+            lines.append(f"| {c.replace('|', ' / ')} | {_mean(sel):,.0f} ({min(sel):,}-{max(sel):,}) | "
+                         f"{_mean(sel) / s['data']['train_rows']:.2f} |")
     comp = [r for r in s["runs"] if r["phase"] == "compute"]
     if comp:
         lines += ["", "## Compute-matched (same training seconds, run alone on the device)", "",

@@ -776,8 +776,10 @@ class Study:
         for c in cells:
             by_sweep.setdefault(c["sweep"], []).append(c)
         b = self.cfg["budget"]
-        points = ({"select": "best_validation", "curve_points": b["curve_points"]} if b["select"] == "best_validation"
-                  else {"curve_points": self.cfg["eval"]["curve_points"]})  # early stopping: validation at each point
+        early_stop = b["select"] == "best_validation"
+        # early stopping measures validation AUC at the budget's points (and the eval curve with it)
+        points = ({"select": "best_validation", "curve_points": b["curve_points"]} if early_stop
+                  else {"curve_points": self.cfg["eval"]["curve_points"]})
         for sweep, cs in by_sweep.items():
             for seed in self.cfg["seeds"]:
                 for c in cs:
@@ -785,7 +787,7 @@ class Study:
                                   "order": c["order"], "seed": seed, "phase": "sweep", "sweep": sweep, "rows": budget,
                                   "curve_on": "eval", **points})
         self.log(f"sweeps: {len(cells)} cells x {len(self.cfg['seeds'])} seeds = {len(tasks)} runs, "
-                 f"{budget:,} training rows each" + (" at most (early stopping)" if "select" in points else ""))
+                 f"{budget:,} training rows each" + (" at most (early stopping)" if early_stop else ""))
         self.run_tasks(tasks, self.add_run)
 
     def add_run(self, r: dict) -> None:

@@ -156,6 +156,19 @@ def test_compare_two_studies_cell_by_cell(tmp_path):
     assert auc["point"] == pytest.approx(expect) and auc["low"] < auc["point"] < auc["high"]
     assert auc["low"] > 0  # the separable candidate is clearly ahead
     assert "crossing" in (tmp_path / "cmp" / "compare.md").read_text()
+    # a study written before budget.select existed ran with its default, "last": comparable
+    study = json.loads((tmp_path / "two" / "study.json").read_text())
+    del study["config"]["budget"]["select"]
+    (tmp_path / "two" / "study.json").write_text(json.dumps(study))
+    assert S.compare_studies(tmp_path / "two", tmp_path / "cross", tmp_path / "cmp")["cells"]
+    # ... but not against a study that selected by another rule
+    study = json.loads((tmp_path / "cross" / "study.json").read_text())
+    study["config"]["budget"]["select"] = "best_validation"
+    (tmp_path / "cross" / "study.json").write_text(json.dumps(study))
+    with pytest.raises(InputError, match="config.budget differs"):
+        S.compare_studies(tmp_path / "two", tmp_path / "cross", tmp_path / "cmp")
+    study["config"]["budget"]["select"] = "last"
+    (tmp_path / "cross" / "study.json").write_text(json.dumps(study))
     # more than the model differs -> refused, naming the section
     study = json.loads((tmp_path / "cross" / "study.json").read_text())
     study["config"]["seeds"] = [0, 1, 2]

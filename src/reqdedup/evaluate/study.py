@@ -1039,8 +1039,14 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
     from reqdedup.evaluate import metrics as M
 
     base, cand = (json.loads((d / "study.json").read_text()) for d in (base_dir, cand_dir))
+
+    def section(study: dict, key: str):
+        # A study written before a setting existed ran with its default (e.g. budget.select "last").
+        value = study["config"][key]
+        return {**DEFAULTS[key], **value} if isinstance(value, dict) else value
+
     for key in ("data", "train", "budget", "eval", "seeds"):
-        if base["config"][key] != cand["config"][key]:
+        if section(base, key) != section(cand, key):
             raise InputError(f"{cand_dir}: config.{key} differs from {base_dir}'s; the studies compare only when "
                              "they differ in model settings alone")
     model_diff = {k: [base["config"]["model"].get(k), v] for k, v in cand["config"]["model"].items()

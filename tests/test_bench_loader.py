@@ -23,7 +23,8 @@ def test_bench_loader_writes_its_json(tmp_path):
            "--requests", "300", "--candidates", "10", "--history", "24", "--items", "500", "--dates", "2",
            "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--ff-dim", "32", "--emb-dim", "8",
            "--batch-rows-per-row", "100", "--batch-rows-request-level", "200", "--per-row-buckets", "all",
-           "--epochs", "2", "--workers", "1", "--model-only-steps", "4", "--device", "cpu", "--json", str(out)]
+           "--epochs", "2", "--workers", "1", "--model-only-steps", "4", "--device", "cpu", "--loader-repeats", "2",
+           "--json", str(out)]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     result = json.loads(out.read_text())
     for key in FIELDS:
@@ -31,6 +32,10 @@ def test_bench_loader_writes_its_json(tmp_path):
     assert result["loaders"]["old"]["requests"] == result["loaders"]["new"]["requests"] == 300
     assert result["loaders"]["new_all_dates"]["requests"] == 600
     assert result["loaders"]["new_wide"]["requests"] == 300  # the reader without the projection
+    # every loader variant ran twice; its figures are the medians
+    for v in result["loaders"].values():
+        assert len(v["repeats"]) == 2
+        assert v["peak_rss_gb"] == pytest.approx(sum(r["peak_rss_gb"] for r in v["repeats"]) / 2)
     assert result["data_files_with_projection"] == result["data_files"] > 0
     # the reader as training reads it: every epoch the steps of both dates
     epochs = result["loaders"]["new_epochs"]["epochs"]

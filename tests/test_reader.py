@@ -249,6 +249,10 @@ def test_iceberg_and_landing_paths_give_the_same_batches(settings, spark):
         ingest_date(day, settings, publish=True)
     lake, landing = plan_iceberg(*days, settings=settings), plan_landing(*days, settings=settings)
     assert sum(u.rows for u in lake) == sum(u.rows for u in landing) == 2 * 150 * 8
+    # what lets `reqdedup bench loader` reuse an ingested date instead of ingesting it again
+    from reqdedup.bench.loader import already_ingested
+
+    assert already_ingested(days[0], settings) and not already_ingested("2026-03-13", settings)
     for order in ORDERS:
         spec = ReaderSpec(order=order, batch_rows=40, seq_len=SEQ, seed=1, workers=0, buffer_requests=13,
                           buffer_rows=100)

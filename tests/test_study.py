@@ -200,3 +200,37 @@ def test_early_stopping_config_skips_the_calibration_run(tmp_path):
 
     with pytest.raises(InputError, match="budget.select"):
         S.parse_study({**yaml.safe_load(TINY.read_text()), "budget": {"select": "best"}}, "t.yaml")
+
+
+def test_across_studies_that_differ_in_one_setting(tmp_path):
+    """`--across`: each variant's change against its own study's iid, per study, with the
+    setting that differs named; refused across different data."""
+    def study(folder: Path, devices: int, users: float, point: float) -> Path:
+        cfg = S.load_study(TINY)
+        cfg["train"]["devices"] = devices
+        iv = {"point": point, "low": point - 0.01, "high": point + 0.01}
+        runs = [{"phase": "sweep", "cell": c, "seed": s, "rows_seen": 1000, "selected_rows": 1000,
+                 "users_per_device_batch": users, "false_negative_rate": 0.1}
+                for c in ("naive|8|request_shuffle:all", "iid|8|iid") for s in (0, 1)]
+        folder.mkdir(parents=True)
+        (folder / "study.json").write_text(json.dumps({
+            "name": folder.name, "config": {k: v for k, v in cfg.items() if k != "source"}, "runs": runs,
+            "intervals": {"naive|8|request_shuffle:all": {"auc": iv, "recall@50": iv}}}))
+        return folder
+
+    dirs = [study(tmp_path / "dev2", 2, 20.0, -0.01), study(tmp_path / "dev8", 8, 5.0, -0.04)]
+    result = S.across_studies(dirs)
+    assert result["varied"] == ["train.devices"]
+    assert [(r["setting"]["train.devices"], r["users_per_device_batch"], r["intervals"]["auc"]["point"])
+            for r in result["rows"]] == [(2, 20.0, -0.01), (8, 5.0, -0.04)]
+    paths = S.write_across(result, tmp_path / "out")
+    md = (tmp_path / "out" / "across.md").read_text()
+    assert "| dev8 | 8 | naive / 8 / request_shuffle:all | 1,000 | 5.0 | 0.100 | -4.00% [-5.00, -3.00] |" in md
+    assert all(p.exists() for p in paths)
+    with pytest.raises(InputError, match="at least two"):
+        S.across_studies(dirs[:1])
+    other = json.loads((dirs[1] / "study.json").read_text())
+    other["config"]["seeds"] = [0]
+    (dirs[1] / "study.json").write_text(json.dumps(other))
+    with pytest.raises(InputError, match="config.seeds differs"):
+        S.across_studies(dirs)

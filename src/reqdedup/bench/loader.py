@@ -222,6 +222,33 @@ def model_only(cfg, settings, steps: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def already_ingested(day: str, settings) -> bool:
+    """The table's main already holds every landed row of ``day``, each data file with its
+    request-level projection: a rerun on the same --home reuses it (an ingest takes minutes)."""
+    import pyarrow.parquet as pq
+
+    from reqdedup.errors import InputError
+    from reqdedup.lake.ingest import landing_files
+    from reqdedup.train.reader import plan
+
+    try:
+        units = plan(day, day, settings=settings)
+    except InputError:  # no table yet, or no rows of that date
+        return False
+    landed = sum(pq.ParquetFile(p).metadata.num_rows for p in landing_files(settings, day))
+    return all(u.requests_path is not None for u in units) and sum(u.rows for u in units) == landed
+
+
+def median_of_repeats(samples: list[dict]) -> dict:
+    """One variant's repeats: the median of each number, every sample's rate and peak kept."""
+    out = dict(samples[0])
+    for k, v in samples[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(s[k] for s in samples)
+    out["repeats"] = [{k: s[k] for k in ("requests_per_s", "rows_per_s", "peak_rss_gb")} for s in samples]
+    return out
+
+
 def run(a, command: str) -> dict:
     home = Path(a.home or tempfile.mkdtemp(prefix="reqdedup-bench-loader-"))
     env = {**os.environ, "REQDEDUP_HOME": str(home), "REQDEDUP_READ_SOURCE": a.source}
@@ -241,7 +268,7 @@ def run(a, command: str) -> dict:
             write_landing(GeneratorConfig(date=day, users=a.users or max(1, a.requests // 4), requests=a.requests,
                                           candidates=a.candidates, history=a.history, items=a.items, seed=a.seed + i),
                           out_dir=settings.landing_dir)
-        if a.source == "iceberg":
+        if a.source == "iceberg" and not already_ingested(day, settings):
             from reqdedup.lake.ingest import ingest_date
 
             ingest_date(day, settings, publish=True)
@@ -260,11 +287,15 @@ def run(a, command: str) -> dict:
     # new_wide: the same reader decoding every row's user block instead of the projection
     variants = {"old": vargs, "new": vargs, "new_wide": vargs, "new_all_dates": capped, "new_all_dates_full": vargs,
                 "new_epochs": {**vargs, "epochs": a.reader_epochs}}
-    loaders = {}
-    for v, v_args in variants.items():
-        loaders[v] = _variant_in_subprocess(v, v_args, env)
-        print(f"[bench loader] {v}: {loaders[v]['requests_per_s']:,.0f} requests/s, "
-              f"{loaders[v]['rows_per_s']:,.0f} rows/s, peak RSS {loaders[v]['peak_rss_gb']:.2f} GB", flush=True)
+    # each variant --loader-repeats times, the variants interleaved (drift hits all alike); medians
+    samples: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(a.loader_repeats):
+        for v, v_args in variants.items():
+            samples[v].append(_variant_in_subprocess(v, v_args, env))
+            got = samples[v][-1]
+            print(f"[bench loader] {v} ({r + 1}/{a.loader_repeats}): {got['requests_per_s']:,.0f} requests/s, "
+                  f"{got['rows_per_s']:,.0f} rows/s, peak RSS {got['peak_rss_gb']:.2f} GB", flush=True)
+    loaders = {v: median_of_repeats(s) for v, s in samples.items()}
 
     # the reader reads the user block from the request-level projection of these files
     projected = {"data_files": len(units), "data_files_with_projection": sum(u.requests_path is not None for u in units)}
@@ -374,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--model-only-steps", type=int, default=20)
     p.add_argument("--reader-epochs", type=int, default=4, help="epochs of the reader-alone variant read as training does")
+    p.add_argument("--loader-repeats", type=int, default=3,
+                   help="runs of each loader variant (interleaved); rates and peak memory are their medians")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--d-model", type=int, default=256)

@@ -1043,7 +1043,7 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
     def section(study: dict, key: str):
         # A study written before a setting existed ran with its default (e.g. budget.select "last").
         value = study["config"][key]
-        return {**DEFAULTS[key], **value} if isinstance(value, dict) else value
+        return {**DEFAULTS[key], **value} if isinstance(value, dict) and isinstance(DEFAULTS[key], dict) else value
 
     for key in ("data", "train", "budget", "eval", "seeds"):
         if section(base, key) != section(cand, key):
@@ -1105,6 +1105,111 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
     return result
 
 
+# ---------------------------------------------------------------------------------------
+# several studies that differ in one setting (e.g. train.devices): each variant's change
+# against iid, with its interval, against the users per device batch
+# ---------------------------------------------------------------------------------------
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "generator":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def across_studies(study_dirs: list[Path]) -> dict:
+    """Rows (study, cell, users per device batch, each gate metric's change against iid with
+    its interval) of studies that share data, eval and seeds and differ in other settings,
+    which are named (``varied``). Each study's intervals are its own (against its own iid)."""
+    studies = [json.loads((d / "study.json").read_text()) for d in study_dirs]
+    if len(studies) < 2:
+        raise InputError("--across needs at least two study folders")
+    first = studies[0]
+    for d, st in zip(study_dirs[1:], studies[1:]):
+        for key in ("data", "eval", "seeds", "gate"):
+            if st["config"][key] != first["config"][key]:
+                raise InputError(f"{d}: config.{key} differs from {study_dirs[0]}'s; studies compare across a "
+                                 "setting only on the same data, eval requests and seeds")
+    # a study written before a setting existed ran with its default
+    flat = [_flat({k: ({**DEFAULTS[k], **v} if isinstance(v, dict) and isinstance(DEFAULTS.get(k), dict) else v)
+                   for k, v in st["config"].items() if k not in ("name", "sweeps", "time_limit_s", "workers")})
+            for st in studies]
+    varied = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1)
+    rows = []
+    for d, st, f in zip(study_dirs, studies, flat):
+        for cell in sorted(st["intervals"], key=lambda c: (list(VARIANTS).index(c.split("|")[0]), c)):
+            runs = [r for r in st["runs"] if r["phase"] == "sweep" and r["cell"] == cell]
+            rows.append({"study": st["name"], "folder": str(d), "cell": cell, "variant": cell.split("|")[0],
+                         "setting": {k: f.get(k) for k in varied}, "intervals": st["intervals"][cell],
+                         "training_rows": _mean([r.get("selected_rows", r["rows_seen"]) for r in runs]),
+                         "users_per_device_batch": _mean([r["users_per_device_batch"] for r in runs]),
+                         "false_negative_rate": _mean([r["false_negative_rate"] for r in runs])})
+    return {"studies": [str(d) for d in study_dirs], "varied": varied, "rows": rows,
+            "metrics": list(next(iter(studies[0]["intervals"].values()))) if studies[0]["intervals"] else [],
+            "tolerance": first["config"]["gate"]["tolerance"]}
+
+
+def write_across(result: dict, out: Path) -> list[Path]:
+    """across.json, across.md (one row per study and cell) and across.png (per gate metric: each
+    variant's change against iid and its interval against the users per device batch)."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = {**result, "command": "python -m reqdedup.evaluate.study " + " ".join(sys.argv[1:]),
+              "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    (out / "across.json").write_text(json.dumps(result, indent=1, default=float))
+    names = result["metrics"]
+    lines = [f"# Studies across {', '.join(result['varied']) or 'no setting'}", "",
+             f"- command: `{result['command']}`",
+             "- each change is against the same study's iid, with that study's 95% interval (paired bootstrap "
+             "over eval requests + seed spread)", "",
+             "| study | " + " | ".join(result["varied"]) + " | cell | training rows | users per device batch | FNR | "
+             + " | ".join(f"Δ {m} vs iid [interval]" for m in names) + " |",
+             "| --- | " + " | ".join("---:" for _ in result["varied"]) + " | --- | ---: | ---: | ---: | "
+             + " | ".join("---:" for _ in names) + " |"]
+    for r in result["rows"]:
+        ivs = [r["intervals"].get(m) for m in names]
+        lines.append(f"| {r['study']} | " + " | ".join(str(v) for v in r["setting"].values()) + f" | "
+                     f"{r['cell'].replace('|', ' / ')} | {r['training_rows']:,.0f} | {r['users_per_device_batch']:.1f} | "
+                     f"{r['false_negative_rate']:.3f} | "
+                     + " | ".join(f"{100 * iv['point']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"
+                                  if iv else "" for iv in ivs) + " |")
+    (out / "across.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return [out / "across.json", out / "across.md"]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    variants = list(dict.fromkeys(r["variant"] for r in result["rows"] if r["intervals"]))
+    for ax, m in zip(axes[0], names):
+        for i, v in enumerate(variants):
+            rs = sorted((r for r in result["rows"] if r["variant"] == v and r["intervals"].get(m)),
+                        key=lambda r: r["users_per_device_batch"])
+            x = [r["users_per_device_batch"] * (1 + 0.02 * (i - len(variants) / 2)) for r in rs]  # dodge
+            p = [r["intervals"][m] for r in rs]
+            ax.errorbar(x, [100 * q["point"] for q in p], capsize=3, marker="o", label=v, color=f"C{i % 10}",
+                        yerr=[[100 * (q["point"] - q["low"]) for q in p], [100 * (q["high"] - q["point"]) for q in p]])
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.axhline(-100 * result["tolerance"], color="tab:red", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ticks = sorted({round(r["users_per_device_batch"], 1) for r in result["rows"]})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("users per device batch (log)")
+        ax.set_ylabel(f"Δ {m} vs iid, % (95% interval)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("varied: " + ", ".join(result["varied"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "across.png", dpi=110)
+    plt.close(fig)
+    return [out / "across.json", out / "across.md", out / "across.png"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="the request-level vs iid quality study (issue 12)")
     p.add_argument("--config", help="study YAML (configs/study_*.yaml)")
@@ -1114,8 +1219,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replot", action="store_true", help="only draw the plots of an existing <out>/study.json")
     p.add_argument("--compare", nargs=2, metavar=("BASELINE_OUT", "CANDIDATE_OUT"),
                    help="compare two finished studies that differ only in model settings, cell by cell, into --out")
+    p.add_argument("--across", nargs="+", metavar="STUDY_OUT",
+                   help="several finished studies that differ in a setting (e.g. train.devices): each variant's "
+                        "change against iid against the users per device batch, into --out")
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.across:
+        paths = write_across(across_studies([Path(d) for d in a.across]), out)
+        print((out / "across.md").read_text() + "\n".join(str(x) for x in paths))
+        return 0
     if a.compare:
         result = compare_studies(Path(a.compare[0]), Path(a.compare[1]), out)
         print((out / "compare.md").read_text())

@@ -896,6 +896,9 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             yield from decode_unit(unit, self.spec.seq_len, check=self.spec.check,
                                    use_projection=self.spec.use_projection,
                                    feature_columns=self.spec.feature_columns)
+            # Arrow's allocator keeps a file's freed pages for the next one: hand them back, so a
+            # worker's memory does not creep up with the files (dates) it reads.
+            pa.default_memory_pool().release_unused()
 
 
 def _import_pandas_before_fork() -> None:

@@ -223,8 +223,9 @@ def model_only(cfg, settings, steps: int, repeats: int) -> float:
 
 
 def already_ingested(day: str, settings) -> bool:
-    """The table's main already holds every landed row of ``day``, each data file with its
-    request-level projection: a rerun on the same --home reuses it (an ingest takes minutes)."""
+    """The table's main already holds as many rows of ``day`` as were landed, each data file
+    with its request-level projection: a rerun on the same --home reuses them (an ingest takes
+    minutes; the bench writes a date's landing files only when there are none)."""
     import pyarrow.parquet as pq
 
     from reqdedup.errors import InputError
@@ -433,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.seq_len = a.seq_len or a.history
     a.streams = a.streams or max(4, a.workers)
+    if a.loader_repeats < 1:
+        build_parser().error(f"--loader-repeats must be >= 1, got {a.loader_repeats}")
     result = run(a, shlex.join(["reqdedup", "bench", "loader", *argv]))
     keys = ("device", "candidates_per_request", "seq_len", "requests_per_s_old", "requests_per_s_new", "reader_speedup",
             "peak_rss_gb_old", "peak_rss_gb_new", "rss_growth_all_dates_over_one", "train_rows_per_s_request_level",

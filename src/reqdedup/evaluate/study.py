@@ -1031,6 +1031,13 @@ def run_study(cfg: dict, out: Path, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------
 # two studies that differ in one model setting: each cell of one against the same cell of the other
 # ---------------------------------------------------------------------------------------
+def config_section(study: dict, key: str):
+    """A finished study's ``config[key]``, with the defaults of settings added after it ran (a
+    study written before e.g. budget.select existed ran with its default, "last")."""
+    value = study["config"][key]
+    return {**DEFAULTS[key], **value} if isinstance(value, dict) and isinstance(DEFAULTS.get(key), dict) else value
+
+
 def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
     """The relative change of every cell of the candidate study against the same cell of the
     baseline study, with the study's interval (paired by seed, bootstrap over the same eval
@@ -1039,14 +1046,8 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
     from reqdedup.evaluate import metrics as M
 
     base, cand = (json.loads((d / "study.json").read_text()) for d in (base_dir, cand_dir))
-
-    def section(study: dict, key: str):
-        # A study written before a setting existed ran with its default (e.g. budget.select "last").
-        value = study["config"][key]
-        return {**DEFAULTS[key], **value} if isinstance(value, dict) and isinstance(DEFAULTS[key], dict) else value
-
     for key in ("data", "train", "budget", "eval", "seeds"):
-        if section(base, key) != section(cand, key):
+        if config_section(base, key) != config_section(cand, key):
             raise InputError(f"{cand_dir}: config.{key} differs from {base_dir}'s; the studies compare only when "
                              "they differ in model settings alone")
     model_diff = {k: [base["config"]["model"].get(k), v] for k, v in cand["config"]["model"].items()
@@ -1129,12 +1130,10 @@ def across_studies(study_dirs: list[Path]) -> dict:
     first = studies[0]
     for d, st in zip(study_dirs[1:], studies[1:]):
         for key in ("data", "eval", "seeds", "gate"):
-            if st["config"][key] != first["config"][key]:
+            if config_section(st, key) != config_section(first, key):
                 raise InputError(f"{d}: config.{key} differs from {study_dirs[0]}'s; studies compare across a "
                                  "setting only on the same data, eval requests and seeds")
-    # a study written before a setting existed ran with its default
-    flat = [_flat({k: ({**DEFAULTS[k], **v} if isinstance(v, dict) and isinstance(DEFAULTS.get(k), dict) else v)
-                   for k, v in st["config"].items() if k not in ("name", "sweeps", "time_limit_s", "workers")})
+    flat = [_flat({k: config_section(st, k) for k in st["config"] if k not in ("name", "sweeps", "time_limit_s", "workers")})
             for st in studies]
     varied = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1)
     rows = []

@@ -860,6 +860,16 @@ class Study:
         (self.out / "study.md").write_text(markdown(s))
 
 
+def _pct_interval(iv: dict) -> str:
+    """'+1.23% [-0.45, +2.91]': a relative change and its interval, in percent."""
+    return f"{100 * iv['point']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"
+
+
+def _error_bars(ivs: list[dict]) -> list[list[float]]:
+    """matplotlib's asymmetric error bars (below, above the point) of intervals, in percent."""
+    return [[100 * (iv["point"] - iv["low"]) for iv in ivs], [100 * (iv["high"] - iv["point"]) for iv in ivs]]
+
+
 def _mean(xs):
     xs = [x for x in xs if x == x]
     return float(np.mean(xs)) if xs else float("nan")
@@ -904,7 +914,7 @@ def markdown(s: dict) -> str:
         ivcells = []
         for m in gm:
             x = iv.get(m)
-            ivcells.append(f"{100 * x['point']:+.2f}% [{100 * x['low']:+.2f}, {100 * x['high']:+.2f}]" if x else "")
+            ivcells.append(_pct_interval(x) if x else "")
         ni = ("yes" if all(iv.get(m) and M.non_inferior(iv[m], tol, m) for m in gm) else
               "no (1 seed)" if any(iv.get(m) and iv[m]["n_seeds"] < 2 for m in gm) else "no") if iv else ""
         v, rps, order = c.split("|")
@@ -970,7 +980,7 @@ def plots(s: dict, out: Path) -> list[Path]:
             ys = range(len(cells))
             pts = [s["intervals"][c].get(m) for c in cells]
             ax.errorbar([100 * p["point"] for p in pts], list(ys),
-                        xerr=[[100 * (p["point"] - p["low"]) for p in pts], [100 * (p["high"] - p["point"]) for p in pts]],
+                        xerr=_error_bars(pts),
                         fmt="o", capsize=3)
             ax.axvline(0, color="gray", lw=0.8)
             ax.axvline(-100 * tol, color="tab:red", lw=0.8, ls="--")
@@ -1099,8 +1109,7 @@ def compare_studies(base_dir: Path, cand_dir: Path, out: Path) -> dict:
         cells = []
         for m in names:
             iv = r["intervals"][m]
-            cells.append(f"{iv['baseline_mean']:.4f} | {iv['candidate_mean']:.4f} | {100 * iv['point']:+.2f}% "
-                         f"[{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]")
+            cells.append(f"{iv['baseline_mean']:.4f} | {iv['candidate_mean']:.4f} | {_pct_interval(iv)}")
         lines.append(f"| {r['cell'].replace('|', ' / ')} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     return result
@@ -1171,8 +1180,7 @@ def write_across(result: dict, out: Path) -> list[Path]:
         lines.append(f"| {r['study']} | " + " | ".join(str(v) for v in r["setting"].values()) + f" | "
                      f"{r['cell'].replace('|', ' / ')} | {r['training_rows']:,.0f} | {r['users_per_device_batch']:.1f} | "
                      f"{r['false_negative_rate']:.3f} | "
-                     + " | ".join(f"{100 * iv['point']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"
-                                  if iv else "" for iv in ivs) + " |")
+                     + " | ".join(_pct_interval(iv) if iv else "" for iv in ivs) + " |")
     (out / "across.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -1190,8 +1198,8 @@ def write_across(result: dict, out: Path) -> list[Path]:
                         key=lambda r: r["users_per_device_batch"])
             x = [r["users_per_device_batch"] * (1 + 0.02 * (i - len(variants) / 2)) for r in rs]  # dodge
             p = [r["intervals"][m] for r in rs]
-            ax.errorbar(x, [100 * q["point"] for q in p], capsize=3, marker="o", label=v, color=f"C{i % 10}",
-                        yerr=[[100 * (q["point"] - q["low"]) for q in p], [100 * (q["high"] - q["point"]) for q in p]])
+            ax.errorbar(x, [100 * q["point"] for q in p], yerr=_error_bars(p), capsize=3, marker="o", label=v,
+                        color=f"C{i % 10}")
         ax.axhline(0, color="gray", lw=0.8)
         ax.axhline(-100 * result["tolerance"], color="tab:red", lw=0.8, ls="--")
         ax.set_xscale("log")
